@@ -1,0 +1,227 @@
+//! Builds the application from settings and a listener, and runs its roles (API, worker,
+//! sweeper) until one cancellation token stops them all.
+//!
+//! Owns start-up order and shutdown; it must never start serving before the database is
+//! migrated and the store is open.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use aws_lc_rs::hmac;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, broadcast};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::config::{ProcessorKind, Settings};
+use crate::db::Db;
+use crate::keys;
+use crate::processor::Processor;
+use crate::processor::local::LocalProcessor;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+/// Everything a request handler or a job needs. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub db: Db,
+    pub store: Store,
+    pub auth: Authenticator,
+    pub processor: Arc<dyn Processor>,
+    pub prefix_key: Arc<hmac::Key>,
+    /// Ids of jobs that changed, for server-sent events.
+    pub events: broadcast::Sender<String>,
+    /// Wakes the worker when a job was queued here.
+    pub wake: Arc<Notify>,
+    pub running: RunningJobs,
+    pub metrics: Metrics,
+}
+
+impl axum::extract::FromRef<AppState> for Authenticator {
+    fn from_ref(state: &AppState) -> Self {
+        state.auth.clone()
+    }
+}
+
+impl AppState {
+    /// Opens the database, the store and the keys that `settings` name.
+    pub async fn new(settings: Settings) -> anyhow::Result<AppState> {
+        let db = Db::connect(&settings.database_url())
+            .await
+            .context("opening the job database")?;
+        let store = Store::open(&settings.storage_url()).context("opening the object store")?;
+        let auth = Authenticator::new(&settings).context("loading token keys")?;
+        let master = keys::load_or_create(&settings.master_key_file(), 32, "master key")
+            .context("loading the master key")?;
+        let prefix_key = keys::derive_prefix_key(&master)?;
+        let processor: Arc<dyn Processor> = match settings.processor {
+            ProcessorKind::Local => Arc::new(LocalProcessor),
+            ProcessorKind::Anthropic => {
+                anyhow::bail!("MEDRELAY_PROCESSOR=anthropic is not available in this build yet")
+            }
+        };
+        let (events, _) = broadcast::channel(1024);
+        Ok(AppState {
+            settings: Arc::new(settings),
+            db,
+            store,
+            auth,
+            processor,
+            prefix_key: Arc::new(prefix_key),
+            events,
+            wake: Arc::new(Notify::new()),
+            running: RunningJobs::default(),
+            metrics: Metrics::global(),
+        })
+    }
+
+    pub fn user_prefix(&self, user_id: &str) -> String {
+        keys::user_prefix(&self.prefix_key, user_id)
+    }
+
+    /// Tells event streams that a job changed.
+    pub fn publish(&self, job_id: &str) {
+        // No subscriber is fine: nobody is watching.
+        let _ = self.events.send(job_id.to_owned());
+    }
+}
+
+/// Jobs being processed by this instance, so that a delete can stop them.
+#[derive(Clone, Default)]
+pub struct RunningJobs(Arc<Mutex<HashMap<String, (String, CancellationToken)>>>);
+
+impl RunningJobs {
+    pub fn insert(&self, job_id: &str, user_id: &str, token: CancellationToken) {
+        self.lock()
+            .insert(job_id.to_owned(), (user_id.to_owned(), token));
+    }
+
+    pub fn remove(&self, job_id: &str) {
+        self.lock().remove(job_id);
+    }
+
+    /// Stops one job; returns whether it was running here.
+    pub fn cancel(&self, job_id: &str) -> bool {
+        match self.lock().get(job_id) {
+            Some((_, token)) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops every job of one user.
+    pub fn cancel_user(&self, user_id: &str) -> usize {
+        let guard = self.lock();
+        let mut n = 0;
+        for (owner, token) in guard.values() {
+            if owner == user_id {
+                token.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, CancellationToken)>> {
+        // A poisoned map still holds valid tokens; keep going.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A started medrelay: its address and the handle to stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    shutdown: CancellationToken,
+    tasks: JoinSet<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests and jobs finish within the grace period, and
+    /// returns when every role has stopped.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let mut first_error = None;
+        while let Some(done) = self.tasks.join_next().await {
+            let outcome = done.context("a role task failed").and_then(|r| r);
+            if let Err(e) = outcome {
+                tracing::error!(error = %format!("{e:#}"), "a role stopped with an error");
+                first_error.get_or_insert(e);
+            }
+        }
+        self.state.db.close().await;
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Waits until a role stops by itself (an error), or `stop` is called elsewhere.
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        match self.tasks.join_next().await {
+            Some(done) => done.context("a role task failed").and_then(|r| r),
+            None => Ok(()),
+        }
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Binds `settings.listen` and starts the configured roles.
+pub async fn start(settings: Settings) -> anyhow::Result<Running> {
+    let listener = TcpListener::bind(&settings.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.listen))?;
+    let state = AppState::new(settings).await?;
+    start_with(state, listener).await
+}
+
+/// Starts the roles on an already built state and bound listener.
+pub async fn start_with(state: AppState, listener: TcpListener) -> anyhow::Result<Running> {
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let roles = state.settings.roles;
+    if roles.api {
+        let router = crate::http::router(state.clone());
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await
+            .context("serving HTTP")
+        });
+    }
+    if roles.worker {
+        tasks.spawn(crate::worker::run(state.clone(), shutdown.clone()));
+    }
+    if roles.sweeper {
+        tasks.spawn(crate::sweeper::run(state.clone(), shutdown.clone()));
+    }
+    tasks.spawn(crate::telemetry::upkeep(
+        state.metrics.clone(),
+        shutdown.clone(),
+    ));
+    Ok(Running {
+        addr,
+        state,
+        shutdown,
+        tasks,
+    })
+}

@@ -1,0 +1,243 @@
+//! Bearer-token authentication: HS256 with a configured or generated secret, and RS256/ES256
+//! against a JWKS document of an identity provider. The user is the `sub` claim.
+//!
+//! Never logs a token. Every failure is the same 401 to the client.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use tokio::sync::RwLock;
+
+use crate::config::Settings;
+use crate::error::ApiError;
+use crate::keys::{self, KeyBytes};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+}
+
+/// The authenticated caller of a `/v1` route.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: String,
+}
+
+/// Checks tokens. Cheap to clone.
+#[derive(Clone)]
+pub struct Authenticator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    hs256: Option<(DecodingKey, KeyBytes)>,
+    jwks: Option<Jwks>,
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+struct Jwks {
+    source: String,
+    http: reqwest::Client,
+    cache: RwLock<(JwkSet, Option<Instant>)>,
+}
+
+/// An unknown `kid` refreshes the JWKS at most this often, so forged kids cannot hammer the IdP.
+const JWKS_REFRESH_MIN: Duration = Duration::from_secs(30);
+/// Clock skew tolerated on `exp` and `nbf`.
+const LEEWAY_SECS: u64 = 30;
+
+/// The HS256 secret: configured, from its file, or generated into the data dir.
+pub fn hs256_secret(settings: &Settings) -> anyhow::Result<Option<KeyBytes>> {
+    if let Some(secret) = &settings.jwt_secret {
+        anyhow::ensure!(
+            secret.expose().len() >= 32,
+            "MEDRELAY_JWT_SECRET must be at least 32 characters"
+        );
+        return Ok(Some(KeyBytes::new(secret.expose().as_bytes().to_vec())));
+    }
+    if let Some(file) = &settings.jwt_secret_file {
+        return keys::load(file, "the token secret").map(Some);
+    }
+    if settings.jwks_url.is_some() {
+        // An identity provider signs the tokens; no local secret is made up.
+        return Ok(None);
+    }
+    keys::load_or_create(&settings.data_dir.join("jwt.secret"), 32, "token secret").map(Some)
+}
+
+impl Authenticator {
+    pub fn new(settings: &Settings) -> anyhow::Result<Self> {
+        let hs256 = match hs256_secret(settings)? {
+            Some(secret) => Some((
+                DecodingKey::from_secret(secret.expose()).context("loading the token secret")?,
+                secret,
+            )),
+            None => None,
+        };
+        let jwks = settings.jwks_url.as_ref().map(|source| Jwks {
+            source: source.clone(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("a plain HTTP client builds"),
+            cache: RwLock::new((JwkSet { keys: vec![] }, None)),
+        });
+        Ok(Self {
+            inner: Arc::new(Inner {
+                hs256,
+                jwks,
+                issuer: settings.jwt_issuer.clone(),
+                audience: settings.jwt_audience.clone(),
+            }),
+        })
+    }
+
+    /// Mints a token for `user` (the `token` command and tests). Needs the HS256 secret.
+    pub fn mint(&self, user: &str, ttl: Duration) -> anyhow::Result<String> {
+        let (_, secret) = self
+            .inner
+            .hs256
+            .as_ref()
+            .context("no HS256 secret is configured, so medrelay cannot mint tokens")?;
+        anyhow::ensure!(!user.trim().is_empty(), "the user id must not be empty");
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = Claims {
+            sub: user.to_owned(),
+            iat: Some(now),
+            exp: now + ttl.as_secs(),
+        };
+        let key = EncodingKey::from_secret(secret.expose()).context("loading the token secret")?;
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key)
+            .context("signing the token")
+    }
+
+    /// Verifies a bearer token and returns its user.
+    pub async fn verify(&self, token: &str) -> Result<User, ApiError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| ApiError::Unauthorized)?;
+        let key = match header.alg {
+            Algorithm::HS256 => self
+                .inner
+                .hs256
+                .as_ref()
+                .ok_or(ApiError::Unauthorized)?
+                .0
+                .clone(),
+            Algorithm::RS256 | Algorithm::ES256 => {
+                let jwks = self.inner.jwks.as_ref().ok_or(ApiError::Unauthorized)?;
+                jwks.key_for(header.kid.as_deref(), header.alg).await?
+            }
+            _ => return Err(ApiError::Unauthorized),
+        };
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = LEEWAY_SECS;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &self.inner.issuer {
+            Some(iss) => validation.set_issuer(&[iss]),
+            None => validation.iss = None,
+        }
+        match &self.inner.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation)
+            .map_err(|_| ApiError::Unauthorized)?;
+        let sub = data.claims.sub.trim();
+        if sub.is_empty() || sub.len() > 256 {
+            return Err(ApiError::Unauthorized);
+        }
+        Ok(User { id: sub.to_owned() })
+    }
+}
+
+impl Jwks {
+    async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<DecodingKey, ApiError> {
+        if let Some(key) = self.lookup(kid, alg).await {
+            return Ok(key);
+        }
+        let stale = {
+            let cache = self.cache.read().await;
+            cache.1.is_none_or(|at| at.elapsed() >= JWKS_REFRESH_MIN)
+        };
+        if stale {
+            match self.fetch().await {
+                Ok(set) => *self.cache.write().await = (set, Some(Instant::now())),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "could not load the JWKS document");
+                    return Err(ApiError::unavailable(e));
+                }
+            }
+        }
+        self.lookup(kid, alg).await.ok_or(ApiError::Unauthorized)
+    }
+
+    async fn lookup(&self, kid: Option<&str>, alg: Algorithm) -> Option<DecodingKey> {
+        let cache = self.cache.read().await;
+        let set = &cache.0;
+        let jwk = match kid {
+            Some(kid) => set.find(kid)?,
+            None if set.keys.len() == 1 => &set.keys[0],
+            None => return None,
+        };
+        // The key's own algorithm, where it names one, must be the token's.
+        if let Some(key_alg) = jwk.common.key_algorithm
+            && key_alg.to_string() != format!("{alg:?}")
+        {
+            return None;
+        }
+        DecodingKey::from_jwk(jwk).ok()
+    }
+
+    async fn fetch(&self) -> anyhow::Result<JwkSet> {
+        let text = if self.source.starts_with("http://") || self.source.starts_with("https://") {
+            self.http
+                .get(&self.source)
+                .send()
+                .await
+                .context("fetching the JWKS document")?
+                .error_for_status()
+                .context("fetching the JWKS document")?
+                .text()
+                .await
+                .context("reading the JWKS document")?
+        } else {
+            let path = self.source.strip_prefix("file://").unwrap_or(&self.source);
+            tokio::fs::read_to_string(path)
+                .await
+                .with_context(|| format!("reading the JWKS file {path}"))?
+        };
+        serde_json::from_str(&text).context("parsing the JWKS document")
+    }
+}
+
+impl<S> FromRequestParts<S> for User
+where
+    S: Send + Sync,
+    Authenticator: axum::extract::FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        use axum::extract::FromRef;
+        let auth = Authenticator::from_ref(state);
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(ApiError::Unauthorized)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or(ApiError::Unauthorized)?;
+        auth.verify(token.trim()).await
+    }
+}

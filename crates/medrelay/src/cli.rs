@@ -1,0 +1,177 @@
+//! The command line: `serve | token | process FILE | purge-user ID | openapi`, plus flags for
+//! the settings of api.md. Uses `anyhow` at the top; prints results to stdout, logs to stderr.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::{Overrides, ProcessorKind, Settings, duration};
+use crate::processor::{Document, ProcessError, Sniffed, sniff};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "medrelay",
+    version,
+    about = "Medical documents in, structured data out, nothing kept."
+)]
+pub struct Cli {
+    /// A TOML configuration file (also MEDRELAY_CONFIG).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to bind (MEDRELAY_LISTEN).
+    #[arg(long, global = true)]
+    pub listen: Option<String>,
+    /// Where embedded defaults live (MEDRELAY_DATA_DIR).
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// sqlite://… or postgres://… (MEDRELAY_DATABASE_URL).
+    #[arg(long, global = true)]
+    pub database_url: Option<String>,
+    /// file://… or s3://bucket/prefix (MEDRELAY_STORAGE_URL).
+    #[arg(long, global = true)]
+    pub storage_url: Option<String>,
+    /// local or anthropic (MEDRELAY_PROCESSOR).
+    #[arg(long, global = true)]
+    pub processor: Option<String>,
+    /// Jobs processed at once (MEDRELAY_WORKERS).
+    #[arg(long, global = true)]
+    pub workers: Option<usize>,
+    /// Roles of this process: api,worker,sweeper (MEDRELAY_ROLES).
+    #[arg(long, global = true)]
+    pub roles: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// API, worker and sweeper in one process.
+    Serve,
+    /// Print a bearer token for a user, signed with the configured HS256 secret.
+    Token {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "1h", value_parser = duration::parse)]
+        ttl: Duration,
+    },
+    /// Run one file through validation and the configured processor; print the result JSON.
+    Process { file: PathBuf },
+    /// Delete every temporary byte and key of one user.
+    PurgeUser { id: String },
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+impl Cli {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen.clone(),
+            data_dir: self.data_dir.clone(),
+            database_url: self.database_url.clone(),
+            storage_url: self.storage_url.clone(),
+            processor: self.processor.clone(),
+            workers: self.workers,
+            roles: self.roles.clone(),
+        }
+    }
+
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        Settings::load(self.config.as_deref(), &self.overrides())
+    }
+}
+
+/// Runs the parsed command; the process exit code follows the result.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Openapi => {
+            let text = serde_json::to_string_pretty(&crate::http::openapi())?;
+            println!("{text}");
+            Ok(())
+        }
+        Command::Serve => serve(cli.settings()?).await,
+        Command::Token { user, ttl } => {
+            let settings = cli.settings()?;
+            let auth = crate::auth::Authenticator::new(&settings)?;
+            println!("{}", auth.mint(user, *ttl)?);
+            Ok(())
+        }
+        Command::Process { file } => process(cli.settings()?, file).await,
+        Command::PurgeUser { id } => {
+            let settings = cli.settings()?;
+            let state = crate::app::AppState::new(settings).await?;
+            let (jobs, objects) = crate::http::purge_user(&state, id, "operator").await?;
+            state.db.close().await;
+            println!("deleted {jobs} jobs and {objects} objects");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    crate::telemetry::init(&settings.log_format);
+    tracing::info!(settings = ?settings, "starting");
+    let mut running = crate::app::start(settings).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on http://{}", running.addr)?;
+        out.flush()?;
+    }
+    tracing::info!(addr = %running.addr, "listening");
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let failed = tokio::select! {
+        _ = sigterm.recv() => None,
+        _ = tokio::signal::ctrl_c() => None,
+        outcome = running.wait() => Some(outcome),
+    };
+    if let Some(outcome) = failed {
+        outcome.context("a role stopped unexpectedly")?;
+    }
+    tracing::info!("shutting down: finishing in-flight requests and jobs");
+    running.stop().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn process(settings: Settings, file: &PathBuf) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(file).with_context(|| format!("reading {}", file.display()))?;
+    anyhow::ensure!(
+        meta.len() <= settings.max_upload_bytes,
+        "the file is larger than MEDRELAY_MAX_UPLOAD_BYTES ({} bytes)",
+        settings.max_upload_bytes
+    );
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    anyhow::ensure!(!bytes.is_empty(), "the file is empty");
+    let media_type = match sniff(&bytes) {
+        Sniffed::Accepted(m) => m,
+        Sniffed::Heic => anyhow::bail!("HEIC photos are not supported by this build; send JPEG"),
+        Sniffed::Unsupported => {
+            anyhow::bail!("unsupported file type: send a PDF, JPEG, PNG or WebP")
+        }
+    };
+    let processor: Box<dyn crate::processor::Processor> = match settings.processor {
+        ProcessorKind::Local => Box::new(crate::processor::local::LocalProcessor),
+        ProcessorKind::Anthropic => {
+            anyhow::bail!("the anthropic processor is not in this build yet")
+        }
+    };
+    let document = Document {
+        media_type,
+        bytes: bytes.into(),
+    };
+    match processor.process(document).await {
+        Ok(result) => {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(())
+        }
+        Err(ProcessError::Abort(refusal)) => {
+            let error = refusal.job_error();
+            anyhow::bail!("{} ({})", error.message, error.code)
+        }
+        Err(ProcessError::Retry { reason, .. }) => anyhow::bail!("temporary failure: {reason}"),
+        Err(ProcessError::Unmanaged(e)) => Err(e.context("processing failed")),
+    }
+}

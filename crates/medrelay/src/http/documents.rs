@@ -1,0 +1,288 @@
+//! `POST /v1/documents`: streams an upload into the object store and commits its job.
+//!
+//! The type is decided from the first bytes; the size limit holds with or without a
+//! Content-Length; the body is never held whole in memory. A 202 is sent only after the
+//! document is stored and the job row is committed. A refused upload leaves nothing behind.
+
+use std::time::Duration;
+
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+
+use crate::app::AppState;
+use crate::auth::User;
+use crate::db::{self, Inserted, NewJob};
+use crate::error::{ApiError, Problem};
+use crate::model::Job;
+use crate::processor::sniff::SNIFF_LEN;
+use crate::processor::{Sniffed, sniff};
+use crate::store::{ObjectKind, Store};
+
+/// An upload that sends nothing for this long is cut off (slow-loris protection).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Multipart framing around the file part: boundaries and part headers.
+const MULTIPART_OVERHEAD: u64 = 64 * 1024;
+
+/// Upload a document (PDF, JPEG, PNG or WebP) as the raw body or as the `file` part of a
+/// multipart form.
+#[utoipa::path(
+    post,
+    path = "/v1/documents",
+    tag = "documents",
+    security(("bearer" = [])),
+    params(
+        ("Idempotency-Key" = Option<String>, Header,
+            description = "The same key from the same user returns the same job and creates nothing new"),
+    ),
+    request_body(
+        description = "The file's bytes, or multipart/form-data with one part named `file`",
+        content(
+            (Vec<u8> = "application/pdf"),
+            (Vec<u8> = "image/jpeg"),
+            (Vec<u8> = "image/png"),
+            (Vec<u8> = "image/webp"),
+            (Vec<u8> = "multipart/form-data"),
+        ),
+    ),
+    responses(
+        (status = 202, description = "Stored and queued", body = Job,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 400, description = "Empty file or no `file` part", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The upload stalled", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Larger than MEDRELAY_MAX_UPLOAD_BYTES", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not a PDF, JPEG, PNG or WebP", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage or database unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub async fn create_document(
+    State(state): State<AppState>,
+    user: User,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let limit = state.settings.max_upload_bytes;
+    let headers = request.headers().clone();
+    let multipart = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
+
+    // Refuse what is too large before reading a byte of it.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let allowance = if multipart {
+        limit + MULTIPART_OVERHEAD
+    } else {
+        limit
+    };
+    if declared.is_some_and(|len| len > allowance) {
+        return Err(ApiError::TooLarge { limit });
+    }
+    if declared == Some(0) {
+        return Err(ApiError::EmptyDocument);
+    }
+
+    let idempotency_key = idempotency_key(&headers)?;
+    if let Some(key) = &idempotency_key
+        && let Some(existing) = state
+            .db
+            .find_by_idempotency_key(&user.id, key)
+            .await
+            .map_err(ApiError::unavailable)?
+    {
+        return Ok(accepted(existing.to_job()));
+    }
+
+    let job_id = uuid::Uuid::now_v7().to_string();
+    let user_prefix = state.user_prefix(&user.id);
+    let path = Store::object_path(&user_prefix, &job_id, ObjectKind::Document);
+
+    let stored = if multipart {
+        let mut form = Multipart::from_request(request, &state)
+            .await
+            .map_err(|_| ApiError::BadRequest("the multipart form is malformed"))?;
+        loop {
+            let field = form
+                .next_field()
+                .await
+                .map_err(|_| ApiError::BadRequest("the multipart form is malformed"))?;
+            match field {
+                Some(field) if field.name() == Some("file") => {
+                    break ingest(&state, &path, field, limit).await?;
+                }
+                // Other parts (a caption, a client version) are not needed: skip them unread.
+                Some(_) => continue,
+                None => return Err(ApiError::MissingFile),
+            }
+        }
+    } else {
+        ingest(&state, &path, request.into_body().into_data_stream(), limit).await?
+    };
+
+    let now = db::now_millis();
+    let new_job = NewJob {
+        id: job_id,
+        user_id: user.id.clone(),
+        user_prefix,
+        media_type: stored.media_type.into(),
+        size_bytes: stored.size as i64,
+        max_attempts: state.settings.max_attempts(),
+        idempotency_key,
+        now,
+        expires_at: now + db::millis(state.settings.temp_ttl),
+    };
+    let inserted = match state.db.insert_job(&new_job).await {
+        Ok(inserted) => inserted,
+        Err(e) => {
+            // No 202 without a committed row, and no object without a row.
+            discard(&state, &path).await;
+            return Err(ApiError::unavailable(e));
+        }
+    };
+    let row = match inserted {
+        Inserted::Created(row) => {
+            metrics::counter!("medrelay_upload_bytes_total").increment(stored.size);
+            metrics::counter!("medrelay_uploads_total", "media_type" => stored.media_type)
+                .increment(1);
+            tracing::info!(job_id = %row.id, size = stored.size, media_type = stored.media_type, "document accepted");
+            state.wake.notify_one();
+            row
+        }
+        Inserted::Existing(row) => {
+            discard(&state, &path).await;
+            row
+        }
+    };
+    Ok(accepted(row.to_job()))
+}
+
+fn accepted(job: Job) -> Response {
+    let location = format!("/v1/jobs/{}", job.id);
+    let mut response = (StatusCode::ACCEPTED, axum::Json(job)).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .map_err(|_| ApiError::BadRequest("the Idempotency-Key header must be printable text"))?
+        .trim()
+        .trim_matches('"');
+    if key.is_empty() || key.len() > 255 {
+        return Err(ApiError::BadRequest(
+            "the Idempotency-Key header must have 1 to 255 characters",
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+struct Stored {
+    media_type: &'static str,
+    size: u64,
+}
+
+async fn discard(state: &AppState, path: &object_store::path::Path) {
+    if let Err(e) = state.store.delete(path).await {
+        tracing::warn!(error = %format!("{e:#}"), "removing a refused upload failed; the sweeper will");
+    }
+}
+
+/// Streams `body` into the store at `path`: sniffs the first bytes, enforces the size limit,
+/// and aborts the write (leaving nothing) on any refusal.
+async fn ingest<S, E>(
+    state: &AppState,
+    path: &object_store::path::Path,
+    body: S,
+    limit: u64,
+) -> Result<Stored, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut body = body;
+    // Gather the first bytes to decide the type before anything is stored.
+    let mut head = BytesMut::new();
+    let mut ended = false;
+    while head.len() < SNIFF_LEN {
+        match next_chunk(&mut body).await? {
+            Some(chunk) => {
+                head.extend_from_slice(&chunk);
+                if head.len() as u64 > limit {
+                    return Err(ApiError::TooLarge { limit });
+                }
+            }
+            None => {
+                ended = true;
+                break;
+            }
+        }
+    }
+    if head.is_empty() {
+        return Err(ApiError::EmptyDocument);
+    }
+    let media_type = match sniff(&head) {
+        Sniffed::Accepted(m) => m,
+        Sniffed::Heic => return Err(ApiError::HeicUnsupported),
+        Sniffed::Unsupported => return Err(ApiError::UnsupportedMediaType),
+    };
+
+    let mut writer = state.store.writer(path);
+    let mut size = head.len() as u64;
+    let outcome: Result<(), ApiError> = async {
+        writer
+            .write(head.freeze())
+            .await
+            .map_err(ApiError::unavailable)?;
+        if !ended {
+            while let Some(chunk) = next_chunk(&mut body).await? {
+                size += chunk.len() as u64;
+                if size > limit {
+                    return Err(ApiError::TooLarge { limit });
+                }
+                writer.write(chunk).await.map_err(ApiError::unavailable)?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    match outcome {
+        Ok(()) => {
+            writer.finish().await.map_err(ApiError::unavailable)?;
+            Ok(Stored {
+                media_type: media_type.as_str(),
+                size,
+            })
+        }
+        Err(e) => {
+            writer.abort().await;
+            Err(e)
+        }
+    }
+}
+
+async fn next_chunk<S, E>(body: &mut S) -> Result<Option<Bytes>, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    match tokio::time::timeout(IDLE_TIMEOUT, body.next()).await {
+        Err(_) => Err(ApiError::UploadTimeout),
+        Ok(None) => Ok(None),
+        Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+        Ok(Some(Err(e))) => {
+            tracing::info!(error = %e, "the upload was interrupted");
+            Err(ApiError::BadRequest("the upload was interrupted"))
+        }
+    }
+}

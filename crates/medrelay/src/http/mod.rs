@@ -1,0 +1,150 @@
+//! The REST API of api.md: routes, the OpenAPI document generated from them, and the layers
+//! every request passes (request ids, panic containment, problem+json for every error).
+//!
+//! Handlers answer with ids and states; only the owner of a job ever receives its result.
+
+mod documents;
+pub(crate) mod jobs;
+mod ops;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::AppState;
+use crate::error::ApiError;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "medrelay",
+        description = "Upload a medical document, get structured data back asynchronously; nothing is kept.",
+    ),
+    modifiers(&BearerAuth),
+    tags((name = "documents"), (name = "jobs"), (name = "operations")),
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(documents::create_document))
+        .routes(routes!(jobs::list_jobs))
+        .routes(routes!(jobs::get_job, jobs::delete_job))
+        .routes(routes!(jobs::job_events))
+        .routes(routes!(jobs::delete_my_data))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+}
+
+/// The OpenAPI document, generated from the handlers.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut api = api_router().into_openapi();
+    api.paths.paths.insert(
+        "/openapi.json".into(),
+        utoipa::openapi::path::PathItem::new(
+            utoipa::openapi::HttpMethod::Get,
+            utoipa::openapi::path::OperationBuilder::new()
+                .tag("operations")
+                .summary(Some("This OpenAPI document"))
+                .response("200", utoipa::openapi::Response::new("OpenAPI 3.1 JSON"))
+                .build(),
+        ),
+    );
+    api
+}
+
+pub fn router(state: AppState) -> Router {
+    let (router, _) = api_router().split_for_parts();
+    let spec = openapi();
+    let request_id = HeaderName::from_static("x-request-id");
+    router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || async move { axum::Json(spec) }),
+        )
+        .fallback(|| async { ApiError::RouteNotFound })
+        // Upload limits are enforced while streaming, with the configured maximum.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(problem_for_bare_errors))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal(anyhow::anyhow!("a request handler panicked")).into_response()
+        }))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            // The path holds only opaque ids; query strings are never logged.
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        }))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            axum::http::header::AUTHORIZATION,
+        ]))
+        .with_state(state)
+}
+
+/// Turns errors that axum produces itself (a wrong method, a rejected extractor) into
+/// problem+json, so every error the app sees has the same shape.
+async fn problem_for_bare_errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_problem = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if is_problem {
+        return response;
+    }
+    let error = match status {
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
+        StatusCode::NOT_FOUND => ApiError::RouteNotFound,
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge {
+            limit: 32 * 1024 * 1024,
+        },
+        s if s.is_server_error() => ApiError::internal(anyhow::anyhow!("bare {s} response")),
+        _ => ApiError::BadRequest("the request is malformed"),
+    };
+    let mut problem = error.into_response();
+    for name in [axum::http::header::ALLOW, axum::http::header::RETRY_AFTER] {
+        if let Some(v) = response.headers().get(&name) {
+            problem.headers_mut().insert(name, v.clone());
+        }
+    }
+    problem
+}
+
+pub use jobs::purge_user;

@@ -1,0 +1,163 @@
+//! Secrets kept in files: the HS256 token secret and the master key, generated into the data
+//! dir (mode 0600) on first start when none is configured, and the opaque per-user prefix
+//! derived from the master key.
+//!
+//! Never logs or prints key material; `Debug` of [`KeyBytes`] prints nothing.
+
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use anyhow::Context;
+use aws_lc_rs::{hkdf, hmac, rand::SecureRandom};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use zeroize::Zeroizing;
+
+/// Secret bytes that cannot be printed and are wiped when dropped.
+#[derive(Clone)]
+pub struct KeyBytes(Zeroizing<Vec<u8>>);
+
+impl KeyBytes {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for KeyBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyBytes([redacted])")
+    }
+}
+
+pub fn random_bytes(len: usize) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = vec![0u8; len];
+    aws_lc_rs::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
+    Ok(bytes)
+}
+
+/// Reads a base64 secret from `path`, or creates one of `len` random bytes there with mode
+/// 0600 when the file does not exist yet. `what` names it in the log line.
+pub fn load_or_create(path: &Path, len: usize, what: &str) -> anyhow::Result<KeyBytes> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            decode(&text).with_context(|| format!("reading {what} from {}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            let bytes = random_bytes(len)?;
+            let encoded = Zeroizing::new(STANDARD.encode(&bytes));
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
+            match file {
+                Ok(mut file) => {
+                    file.write_all(encoded.as_bytes())
+                        .and_then(|_| file.write_all(b"\n"))
+                        .and_then(|_| file.sync_all())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    tracing::warn!(
+                        path = %path.display(),
+                        "generated a new {what}: fine for development; configure one for production"
+                    );
+                    Ok(KeyBytes::new(bytes))
+                }
+                // Another process created it first: use theirs.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    load_or_create(path, len, what)
+                }
+                Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+            }
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Reads an existing base64 secret file.
+pub fn load(path: &Path, what: &str) -> anyhow::Result<KeyBytes> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {what} from {}", path.display()))?;
+    decode(&text).with_context(|| format!("decoding {what} in {}", path.display()))
+}
+
+fn decode(text: &str) -> anyhow::Result<KeyBytes> {
+    let bytes = STANDARD
+        .decode(text.trim())
+        .context("the file must hold base64")?;
+    anyhow::ensure!(bytes.len() >= 32, "the key must be at least 32 bytes");
+    Ok(KeyBytes::new(bytes))
+}
+
+struct HmacLen;
+impl hkdf::KeyType for HmacLen {
+    fn len(&self) -> usize {
+        32
+    }
+}
+
+/// Derives the key that turns user ids into opaque object-key prefixes.
+pub fn derive_prefix_key(master: &KeyBytes) -> anyhow::Result<hmac::Key> {
+    let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"medrelay");
+    let prk = salt.extract(master.expose());
+    let info: [&[u8]; 1] = [b"medrelay user prefix v1"];
+    let okm = prk
+        .expand(&info, HmacLen)
+        .map_err(|_| anyhow::anyhow!("deriving the prefix key failed"))?;
+    let mut key = Zeroizing::new([0u8; 32]);
+    okm.fill(key.as_mut())
+        .map_err(|_| anyhow::anyhow!("deriving the prefix key failed"))?;
+    Ok(hmac::Key::new(hmac::HMAC_SHA256, key.as_ref()))
+}
+
+/// The opaque object-key prefix of a user: 128 bits of HMAC-SHA256(user id), in hex. Object
+/// keys never carry the user id itself.
+pub fn user_prefix(key: &hmac::Key, user_id: &str) -> String {
+    let tag = hmac::sign(key, user_id.as_bytes());
+    tag.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_generated_secret_is_private_and_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/jwt.secret");
+        let first = load_or_create(&path, 32, "test secret").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let second = load_or_create(&path, 32, "test secret").unwrap();
+        assert_eq!(first.expose(), second.expose());
+        assert_eq!(first.expose().len(), 32);
+        assert_eq!(format!("{first:?}"), "KeyBytes([redacted])");
+    }
+
+    #[test]
+    fn user_prefixes_are_opaque_and_distinct() {
+        let key = derive_prefix_key(&KeyBytes::new(vec![7u8; 32])).unwrap();
+        let a = user_prefix(&key, "alice@example.org");
+        let b = user_prefix(&key, "bob@example.org");
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert!(!a.contains("alice"));
+        assert_eq!(a, user_prefix(&key, "alice@example.org"));
+        let other = derive_prefix_key(&KeyBytes::new(vec![8u8; 32])).unwrap();
+        assert_ne!(a, user_prefix(&other, "alice@example.org"));
+    }
+}

@@ -1,0 +1,195 @@
+//! Temporary object storage through the `object_store` crate: a local folder by default, any
+//! S3-compatible store in production.
+//!
+//! Owns the key layout `{user prefix}/{job id}/{object}`: opaque ids only, never a user name
+//! or a file name. Uploads stream in bounded chunks; nothing is held whole in memory.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::buffered::BufWriter;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt};
+use tokio::io::AsyncWriteExt;
+
+/// The object store. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    kind: StoreKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Local,
+    S3,
+}
+
+/// What an object is, as the last segment of its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectKind {
+    Document,
+}
+
+impl ObjectKind {
+    fn name(self) -> &'static str {
+        match self {
+            ObjectKind::Document => "document",
+        }
+    }
+}
+
+impl Store {
+    /// Opens `file:///path` or `s3://bucket[/prefix]`.
+    pub fn open(url: &str) -> anyhow::Result<Store> {
+        if let Some(path) = url.strip_prefix("file://") {
+            std::fs::create_dir_all(path)
+                .with_context(|| format!("creating the object folder {path}"))?;
+            // Empty folders are removed with their last object, so a deleted job leaves no trace
+            // (not even its opaque prefix) in the folder.
+            let fs = LocalFileSystem::new_with_prefix(path)
+                .with_context(|| format!("opening the object folder {path}"))?
+                .with_automatic_cleanup(true);
+            Ok(Store {
+                inner: Arc::new(fs),
+                kind: StoreKind::Local,
+            })
+        } else if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            anyhow::ensure!(
+                !bucket.is_empty(),
+                "MEDRELAY_STORAGE_URL s3://BUCKET[/prefix] needs a bucket"
+            );
+            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            if std::env::var("AWS_ENDPOINT_URL")
+                .or_else(|_| std::env::var("AWS_ENDPOINT"))
+                .is_ok_and(|e| e.starts_with("http://"))
+            {
+                builder = builder.with_allow_http(true);
+            }
+            if std::env::var("AWS_DEFAULT_REGION").is_err() && std::env::var("AWS_REGION").is_err()
+            {
+                builder = builder.with_region("us-east-1");
+            }
+            let s3 = builder.build().context("configuring S3 storage")?;
+            let prefix = prefix.trim_matches('/');
+            let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
+                Arc::new(s3)
+            } else {
+                Arc::new(PrefixStore::new(s3, prefix))
+            };
+            Ok(Store {
+                inner,
+                kind: StoreKind::S3,
+            })
+        } else {
+            anyhow::bail!("MEDRELAY_STORAGE_URL must start with file:// or s3://")
+        }
+    }
+
+    pub fn kind(&self) -> StoreKind {
+        self.kind
+    }
+
+    pub fn object_path(user_prefix: &str, job_id: &str, kind: ObjectKind) -> Path {
+        Path::from(format!("{user_prefix}/{job_id}/{}", kind.name()))
+    }
+
+    /// A streaming writer. The chunk size bounds memory per upload: S3 needs parts of 5 MiB at
+    /// least; a local folder takes any size, so it buffers far less.
+    pub fn writer(&self, path: &Path) -> ObjectWriter {
+        let (capacity, concurrency) = match self.kind {
+            StoreKind::Local => (256 * 1024, 1),
+            StoreKind::S3 => (5 * 1024 * 1024, 2),
+        };
+        ObjectWriter {
+            inner: BufWriter::with_capacity(self.inner.clone(), path.clone(), capacity)
+                .with_max_concurrency(concurrency),
+            done: false,
+        }
+    }
+
+    /// Reads a whole object (documents are bounded by the upload limit).
+    pub async fn read(&self, path: &Path) -> anyhow::Result<Bytes> {
+        let got = self.inner.get(path).await.context("reading an object")?;
+        got.bytes().await.context("reading an object")
+    }
+
+    /// Deletes one object; deleting what is already gone is success.
+    pub async fn delete(&self, path: &Path) -> anyhow::Result<()> {
+        match self.inner.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e).context("deleting an object"),
+        }
+    }
+
+    /// Deletes every object under `prefix` (a user prefix, or `user/job`). Returns the count.
+    pub async fn delete_prefix(&self, prefix: &str) -> anyhow::Result<u64> {
+        let prefix = Path::from(prefix);
+        let paths = self
+            .inner
+            .list(Some(&prefix))
+            .map_ok(|meta| meta.location)
+            .boxed();
+        let deleted = self
+            .inner
+            .delete_stream(paths)
+            .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+            .await;
+        match deleted {
+            Ok(n) => Ok(n),
+            Err(object_store::Error::NotFound { .. }) => Ok(0),
+            Err(e) => Err(e).context("deleting objects by prefix"),
+        }
+    }
+
+    /// Lists every object key (tests and the sweeper).
+    pub async fn list_all(&self) -> anyhow::Result<Vec<(Path, u64)>> {
+        self.inner
+            .list(None)
+            .map_ok(|m| (m.location, m.size))
+            .try_collect()
+            .await
+            .context("listing objects")
+    }
+
+    /// Checks that the store answers (`/readyz`).
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        let probe = Path::from("readyz-probe");
+        match self.inner.head(&probe).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e).context("the object store does not answer"),
+        }
+    }
+}
+
+/// An upload in progress. Call [`ObjectWriter::finish`] or [`ObjectWriter::abort`]; an
+/// unfinished writer that is dropped leaves at most an incomplete upload, which the sweeper
+/// removes.
+pub struct ObjectWriter {
+    inner: BufWriter,
+    done: bool,
+}
+
+impl ObjectWriter {
+    pub async fn write(&mut self, chunk: Bytes) -> anyhow::Result<()> {
+        self.inner.put(chunk).await.context("writing an object")
+    }
+
+    pub async fn finish(mut self) -> anyhow::Result<()> {
+        self.done = true;
+        self.inner.shutdown().await.context("completing an object")
+    }
+
+    pub async fn abort(mut self) {
+        self.done = true;
+        if let Err(e) = self.inner.abort().await {
+            tracing::warn!(error = %e, "aborting an upload failed; the sweeper will remove it");
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! The sweeper role: every `MEDRELAY_SWEEP_INTERVAL`, ends every job whose lifetime is over
+//! (in any state, running ones included), deletes its objects, and drops PHI-free tombstones
+//! after a day.
+//!
+//! Owns the one-hour guarantee. Safe to run in several instances at once: every step is
+//! idempotent, and tombstoning is a compare-and-set on `deleted_at`.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::app::AppState;
+use crate::db;
+
+/// How long a PHI-free tombstone (ids, times, reason) is kept, so that a late poll learns
+/// that its job expired instead of getting a bare 404.
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
+    loop {
+        if let Err(e) = sweep(&state).await {
+            tracing::warn!(error = %format!("{e:#}"), "sweep failed; retrying next interval");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(state.settings.sweep_interval) => {}
+        }
+    }
+}
+
+/// One sweep. Returns how many jobs it expired.
+pub async fn sweep(state: &AppState) -> anyhow::Result<u64> {
+    let now = db::now_millis();
+    let mut expired = 0;
+    loop {
+        let rows = state.db.expired_jobs(now, 500).await?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in rows {
+            state.running.cancel(&row.id);
+            if state
+                .db
+                .tombstone_job(&row.user_id, &row.id, "expired")
+                .await?
+                .is_some()
+            {
+                expired += 1;
+            }
+            state
+                .store
+                .delete_prefix(&format!("{}/{}", row.user_prefix, row.id))
+                .await?;
+            state.publish(&row.id);
+        }
+    }
+    if expired > 0 {
+        metrics::counter!("medrelay_deletions_total", "reason" => "expired").increment(expired);
+        tracing::info!(expired, "expired jobs deleted");
+    }
+    state
+        .db
+        .drop_tombstones(now - db::millis(TOMBSTONE_TTL))
+        .await?;
+    Ok(expired)
+}
