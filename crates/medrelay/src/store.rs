@@ -22,6 +22,8 @@ use tokio::io::AsyncWriteExt;
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     kind: StoreKind,
+    /// The folder of a local store, to prune folders an aborted upload leaves empty.
+    local_root: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +60,7 @@ impl Store {
             Ok(Store {
                 inner: Arc::new(fs),
                 kind: StoreKind::Local,
+                local_root: Some(std::path::PathBuf::from(path)),
             })
         } else if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -86,6 +89,7 @@ impl Store {
             Ok(Store {
                 inner,
                 kind: StoreKind::S3,
+                local_root: None,
             })
         } else {
             anyhow::bail!("MEDRELAY_STORAGE_URL must start with file:// or s3://")
@@ -110,7 +114,10 @@ impl Store {
         ObjectWriter {
             inner: BufWriter::with_capacity(self.inner.clone(), path.clone(), capacity)
                 .with_max_concurrency(concurrency),
-            done: false,
+            prune: self
+                .local_root
+                .as_ref()
+                .map(|root| (root.clone(), path.clone())),
         }
     }
 
@@ -173,7 +180,7 @@ impl Store {
 /// removes.
 pub struct ObjectWriter {
     inner: BufWriter,
-    done: bool,
+    prune: Option<(std::path::PathBuf, Path)>,
 }
 
 impl ObjectWriter {
@@ -182,14 +189,30 @@ impl ObjectWriter {
     }
 
     pub async fn finish(mut self) -> anyhow::Result<()> {
-        self.done = true;
         self.inner.shutdown().await.context("completing an object")
     }
 
     pub async fn abort(mut self) {
-        self.done = true;
         if let Err(e) = self.inner.abort().await {
             tracing::warn!(error = %e, "aborting an upload failed; the sweeper will remove it");
+        }
+        if let Some((root, path)) = self.prune.take() {
+            prune_empty_parents(&root, &path);
+        }
+    }
+}
+
+/// Removes the folders of `path` below `root` that are empty (an aborted local upload leaves
+/// its folders behind; a non-empty folder is left alone).
+fn prune_empty_parents(root: &std::path::Path, path: &Path) {
+    let parts: Vec<_> = path.parts().collect();
+    for depth in (1..parts.len()).rev() {
+        let mut dir = root.to_path_buf();
+        for part in &parts[..depth] {
+            dir.push(part.as_ref());
+        }
+        if std::fs::remove_dir(&dir).is_err() {
+            break;
         }
     }
 }

@@ -6,7 +6,12 @@
 
 use std::time::Duration;
 
-use axum::extract::{FromRequest, Multipart, Request, State};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use axum::body::BodyDataStream;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
@@ -63,65 +68,32 @@ pub async fn create_document(
     user: User,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let limit = state.settings.max_upload_bytes;
     let headers = request.headers().clone();
     let multipart = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
 
-    // Refuse what is too large before reading a byte of it.
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let allowance = if multipart {
-        limit + MULTIPART_OVERHEAD
-    } else {
-        limit
-    };
-    if declared.is_some_and(|len| len > allowance) {
-        return Err(ApiError::TooLarge { limit });
-    }
-    if declared == Some(0) {
-        return Err(ApiError::EmptyDocument);
-    }
-
-    let idempotency_key = idempotency_key(&headers)?;
-    if let Some(key) = &idempotency_key
-        && let Some(existing) = state
-            .db
-            .find_by_idempotency_key(&user.id, key)
-            .await
-            .map_err(ApiError::unavailable)?
-    {
-        return Ok(accepted(existing.to_job()));
-    }
-
-    let job_id = uuid::Uuid::now_v7().to_string();
-    let user_prefix = state.user_prefix(&user.id);
-    let path = Store::object_path(&user_prefix, &job_id, ObjectKind::Document);
-
-    let stored = if multipart {
-        let mut form = Multipart::from_request(request, &state)
-            .await
-            .map_err(|_| ApiError::BadRequest("the multipart form is malformed"))?;
-        loop {
-            let field = form
-                .next_field()
-                .await
-                .map_err(|_| ApiError::BadRequest("the multipart form is malformed"))?;
-            match field {
-                Some(field) if field.name() == Some("file") => {
-                    break ingest(&state, &path, field, limit).await?;
-                }
-                // Other parts (a caption, a client version) are not needed: skip them unread.
-                Some(_) => continue,
-                None => return Err(ApiError::MissingFile),
-            }
+    let body = SharedBody::new(request.into_body().into_data_stream());
+    let stored = receive(&state, &user, &headers, multipart, body.clone()).await;
+    let (stored, path, user_prefix, job_id, idempotency_key) = match stored {
+        Ok(Received::Stored {
+            stored,
+            path,
+            user_prefix,
+            job_id,
+            idempotency_key,
+        }) => (stored, path, user_prefix, job_id, idempotency_key),
+        Ok(Received::Existing(job)) => {
+            body.drain_in_background();
+            return Ok(accepted(job));
         }
-    } else {
-        ingest(&state, &path, request.into_body().into_data_stream(), limit).await?
+        Err(e) => {
+            // The client may still be sending: let it finish, so that it reads our answer
+            // instead of a broken pipe. Nothing of it is kept.
+            body.drain_in_background();
+            return Err(e);
+        }
     };
 
     let now = db::now_millis();
@@ -159,6 +131,132 @@ pub async fn create_document(
         }
     };
     Ok(accepted(row.to_job()))
+}
+
+enum Received {
+    Stored {
+        stored: Stored,
+        path: object_store::path::Path,
+        user_prefix: String,
+        job_id: String,
+        idempotency_key: Option<String>,
+    },
+    Existing(Job),
+}
+
+/// Checks the request and streams its document into the store.
+async fn receive(
+    state: &AppState,
+    user: &User,
+    headers: &HeaderMap,
+    multipart: bool,
+    body: SharedBody,
+) -> Result<Received, ApiError> {
+    let limit = state.settings.max_upload_bytes;
+    // Refuse what is too large before reading a byte of it.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let allowance = if multipart {
+        limit + MULTIPART_OVERHEAD
+    } else {
+        limit
+    };
+    if declared.is_some_and(|len| len > allowance) {
+        return Err(ApiError::TooLarge { limit });
+    }
+    if declared == Some(0) {
+        return Err(ApiError::EmptyDocument);
+    }
+
+    let idempotency_key = idempotency_key(headers)?;
+    if let Some(key) = &idempotency_key
+        && let Some(existing) = state
+            .db
+            .find_by_idempotency_key(&user.id, key)
+            .await
+            .map_err(ApiError::unavailable)?
+    {
+        return Ok(Received::Existing(existing.to_job()));
+    }
+
+    let job_id = uuid::Uuid::now_v7().to_string();
+    let user_prefix = state.user_prefix(&user.id);
+    let path = Store::object_path(&user_prefix, &job_id, ObjectKind::Document);
+
+    let stored = if multipart {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let boundary = multer::parse_boundary(content_type)
+            .map_err(|_| ApiError::BadRequest("the multipart form has no boundary"))?;
+        let mut form = multer::Multipart::new(body, boundary);
+        loop {
+            let field = form
+                .next_field()
+                .await
+                .map_err(|_| ApiError::BadRequest("the multipart form is malformed"))?;
+            match field {
+                Some(field) if field.name() == Some("file") => {
+                    break ingest(state, &path, field, limit).await?;
+                }
+                // Other parts (a caption, a client version) are not needed: skip them unread.
+                Some(_) => continue,
+                None => return Err(ApiError::MissingFile),
+            }
+        }
+    } else {
+        ingest(state, &path, body, limit).await?
+    };
+    Ok(Received::Stored {
+        stored,
+        path,
+        user_prefix,
+        job_id,
+        idempotency_key,
+    })
+}
+
+/// The request body, shared so that what the handler did not read can be drained after the
+/// answer is sent.
+#[derive(Clone)]
+struct SharedBody(Arc<Mutex<BodyDataStream>>);
+
+/// What may be drained after an early answer; a client sending more is cut off.
+const DRAIN_MAX_BYTES: usize = 64 * 1024 * 1024;
+const DRAIN_MAX_TIME: Duration = Duration::from_secs(30);
+
+impl SharedBody {
+    fn new(stream: BodyDataStream) -> Self {
+        Self(Arc::new(Mutex::new(stream)))
+    }
+
+    fn drain_in_background(self) {
+        tokio::spawn(async move {
+            let mut body = self;
+            let _ = tokio::time::timeout(DRAIN_MAX_TIME, async {
+                let mut drained = 0usize;
+                while let Some(Ok(chunk)) = body.next().await {
+                    drained += chunk.len();
+                    if drained > DRAIN_MAX_BYTES {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
+impl Stream for SharedBody {
+    type Item = Result<Bytes, axum::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        Pin::new(&mut *inner).poll_next(cx)
+    }
 }
 
 fn accepted(job: Job) -> Response {

@@ -213,7 +213,13 @@ fn classify(text: &str) -> DocumentType {
         DocumentType::Prescription
     } else if has(&["referral", "überweisung", "ueberweisung", "referred to"]) {
         DocumentType::Referral
-    } else if has(&["invoice", "rechnung", "amount due", "total due"]) {
+    } else if has(&[
+        "invoice",
+        "rechnungsnummer",
+        "rechnungsbetrag",
+        "amount due",
+        "total due",
+    ]) {
         DocumentType::Invoice
     } else if has(&["insurance", "versicherung", "policy number", "member id"]) {
         DocumentType::Insurance
@@ -418,7 +424,19 @@ mod tests {
     }
 
     #[test]
-    fn an_image_header_gives_its_pixel_size_without_decoding() {
+    fn a_photo_gives_its_pixel_size() {
+        let img = image::RgbImage::from_pixel(321, 123, image::Rgb([1, 2, 3]));
+        let mut png = Cursor::new(Vec::new());
+        img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+        let result = analyze_image(png.get_ref(), MediaType::Png).unwrap();
+        assert_eq!(result.document.pixel_width, Some(321));
+        assert_eq!(result.document.pixel_height, Some(123));
+        assert_eq!(result.document.page_count, Some(1));
+        assert_eq!(result.text, None);
+    }
+
+    #[test]
+    fn a_pixel_flood_png_is_refused_without_allocating() {
         // A PNG whose header declares 65535 x 65535 pixels, with no pixel data at all.
         let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
         png.extend_from_slice(&65535u32.to_be_bytes());
@@ -426,10 +444,13 @@ mod tests {
         png.extend_from_slice(&[8, 2, 0, 0, 0]);
         let crc = crc32(&png[12..29]);
         png.extend_from_slice(&crc.to_be_bytes());
-        let result = analyze_image(&png, MediaType::Png).unwrap();
-        assert_eq!(result.document.pixel_width, Some(65535));
-        assert_eq!(result.document.pixel_height, Some(65535));
-        assert_eq!(result.text, None);
+        let started = std::time::Instant::now();
+        let result = analyze_image(&png, MediaType::Png);
+        assert!(
+            matches!(result, Err(ProcessError::Abort(Refusal::Unreadable))),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     fn crc32(bytes: &[u8]) -> u32 {

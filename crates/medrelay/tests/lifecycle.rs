@@ -1,0 +1,831 @@
+//! The behavioural suite of the document lifecycle, run against every backend:
+//! SQLite and PostgreSQL, each with the local folder and with S3 (moto).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Backend, TestApp, assert_problem, corpus_file, jpeg, png, text_pdf, webp};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+on_every_backend!(
+    a_real_pdf_is_read_and_then_forgotten,
+    every_corpus_pdf_gets_its_manifest_page_count,
+    multipart_uploads_take_the_file_part,
+    the_type_comes_from_the_bytes_not_the_declared_type,
+    photos_report_their_type_and_pixel_size,
+    unsupported_files_are_refused_and_leave_nothing,
+    an_empty_upload_is_a_bad_request,
+    oversized_uploads_are_refused_with_or_without_a_length,
+    bad_tokens_get_401_as_problem_json,
+    another_users_job_is_a_404_on_every_route,
+    the_same_idempotency_key_returns_the_same_job,
+    deleting_my_data_removes_every_job_and_object,
+    jobs_are_listed_newest_first,
+    events_stream_the_job_until_it_is_terminal,
+    an_accepted_job_survives_a_restart,
+    expired_jobs_answer_410_and_their_data_is_gone,
+    operations_routes_answer,
+    simple_rules_fill_the_document_type_and_date,
+);
+
+async fn a_real_pdf_is_read_and_then_forgotten(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let alice = app.token("alice");
+    let job = app
+        .upload_ok(
+            &alice,
+            corpus_file("004-pdflatex-4-pages--pdflatex-4-pages.pdf"),
+            "application/pdf",
+        )
+        .await;
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["media_type"], "application/pdf");
+    assert_eq!(job["size_bytes"], 24607);
+    assert_eq!(job["max_attempts"], 4);
+    assert!(job["result"].is_null() && job["error"].is_null());
+    let id = job["id"].as_str().unwrap();
+
+    let done = app.wait_terminal(&alice, id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 1);
+    let result = &done["result"];
+    assert_eq!(result["processor"]["name"], "local");
+    assert_eq!(result["document"]["page_count"], 4);
+    let text = result["text"].as_str().unwrap();
+    assert!(
+        text.contains("Hello, here is some text without a meaning"),
+        "{text}"
+    );
+    for list in [
+        "providers",
+        "diagnoses",
+        "medications",
+        "lab_results",
+        "allergies",
+        "procedures",
+        "follow_up",
+    ] {
+        assert!(result[list].is_array(), "{list} must be a list");
+    }
+    // Expiry is creation + TTL (1 h by default).
+    let created = time::OffsetDateTime::parse(
+        done["created_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let expires = time::OffsetDateTime::parse(
+        done["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!((expires - created).whole_seconds(), 3600);
+
+    // Success deleted the document; only the result (in the database) remains.
+    app.assert_store_empties().await;
+
+    let deleted = app
+        .http
+        .delete(app.url(&format!("/v1/jobs/{id}")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert_problem(app.get_job(&alice, id).await, 404, "job-not-found").await;
+    // Deleting again is success: it is gone either way.
+    let again = app
+        .http
+        .delete(app.url(&format!("/v1/jobs/{id}")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::NO_CONTENT);
+    app.assert_store_empties().await;
+    app.stop().await;
+}
+
+async fn every_corpus_pdf_gets_its_manifest_page_count(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let token = app.token("corpus-reader");
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(common::corpus_dir().join("manifest.json")).unwrap())
+            .unwrap();
+    let mut ids = Vec::new();
+    for entry in manifest["files"].as_array().unwrap() {
+        let name = entry["file"].as_str().unwrap();
+        let job = app
+            .upload_ok(&token, corpus_file(name), "application/octet-stream")
+            .await;
+        ids.push((entry.clone(), job["id"].as_str().unwrap().to_owned()));
+    }
+    assert!(ids.len() >= 16);
+    for (entry, id) in ids {
+        let name = entry["file"].as_str().unwrap();
+        let job = app.wait_terminal(&token, &id).await;
+        if entry["encrypted"] == true {
+            assert_eq!(job["status"], "failed", "{name}: {job}");
+            assert_eq!(job["error"]["code"], "document-encrypted", "{name}");
+            assert_eq!(job["error"]["retryable"], false, "{name}");
+            assert!(
+                job["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("password")
+            );
+        } else {
+            assert_eq!(job["status"], "succeeded", "{name}: {job}");
+            assert_eq!(
+                job["result"]["document"]["page_count"], entry["pages"],
+                "{name}"
+            );
+        }
+    }
+    app.assert_store_empties().await;
+    app.stop().await;
+}
+
+async fn multipart_uploads_take_the_file_part(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let token = app.token("multipart-user");
+    let form = reqwest::multipart::Form::new()
+        .text("note", "ignored")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(corpus_file("001-trivial--minimal-document.pdf"))
+                .file_name("../../etc/passwd\u{202e}fdp.pdf")
+                .mime_str("image/png")
+                .unwrap(),
+        );
+    let response = app
+        .http
+        .post(app.url("/v1/documents"))
+        .bearer_auth(&token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(job["media_type"], "application/pdf");
+    assert_eq!(job["size_bytes"], 16978);
+    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    assert_eq!(done["result"]["document"]["page_count"], 1);
+
+    // A form without a `file` part.
+    let form = reqwest::multipart::Form::new().text("document", "not a file");
+    let response = app
+        .http
+        .post(app.url("/v1/documents"))
+        .bearer_auth(&token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 400, "missing-file").await;
+    app.assert_store_empties().await;
+    app.stop().await;
+}
+
+async fn the_type_comes_from_the_bytes_not_the_declared_type(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let token = app.token("sniffer");
+    let job = app.upload_ok(&token, png(40, 30), "application/pdf").await;
+    assert_eq!(job["media_type"], "image/png");
+    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded");
+    assert_eq!(done["result"]["document"]["media_type"], "image/png");
+    let job = app
+        .upload_ok(
+            &token,
+            corpus_file("002-trivial-libre-office-writer--002-trivial-libre-office-writer.pdf"),
+            "image/jpeg",
+        )
+        .await;
+    assert_eq!(job["media_type"], "application/pdf");
+    app.stop().await;
+}
+
+async fn photos_report_their_type_and_pixel_size(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let token = app.token("photographer");
+    for (bytes, media_type, w, h) in [
+        (jpeg(640, 480), "image/jpeg", 640, 480),
+        (png(300, 200), "image/png", 300, 200),
+        (webp(120, 90), "image/webp", 120, 90),
+    ] {
+        let job = app
+            .upload_ok(&token, bytes, "application/octet-stream")
+            .await;
+        assert_eq!(job["media_type"], media_type);
+        let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        let doc = &done["result"]["document"];
+        assert_eq!(doc["pixel_width"], w);
+        assert_eq!(doc["pixel_height"], h);
+        assert_eq!(doc["media_type"], media_type);
+        assert!(done["result"]["text"].is_null());
+    }
+    // A truncated photo is refused as unreadable, not retried.
+    let mut broken = jpeg(64, 64);
+    broken.truncate(12);
+    let job = app.upload_ok(&token, broken, "image/jpeg").await;
+    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["error"]["code"], "document-unreadable");
+    assert_eq!(done["error"]["retryable"], false);
+    app.assert_store_empties().await;
+    app.stop().await;
+}
+
+async fn unsupported_files_are_refused_and_leave_nothing(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let token = app.token("refused");
+    let elf = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0>\0".repeat(10);
+    let html = b"<!doctype html><html><body>%PDF</body></html>".to_vec();
+    let zip = b"PK\x03\x04\x14\0\0\0\x08\0".repeat(20);
+    let svg = b"<svg xmlns=\"http://www.w3.org/2000/svg\"></svg>".to_vec();
+    for bytes in [elf, html, zip, svg] {
+        let response = app.upload(&token, bytes, "application/pdf").await;
+        let problem = assert_problem(response, 415, "unsupported-media-type").await;
+        assert_eq!(problem["retryable"], false);
+    }
+    // HEIC: refused with advice to send JPEG.
+    let mut heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic".to_vec();
+    heic.extend(vec![0u8; 2000]);
+    let response = app.upload(&token, heic, "image/heic").await;
+    let problem = assert_problem(response, 415, "unsupported-media-type").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("JPEG"),
+        "{problem}"
+    );
+
+    let list: Value = app
+        .http
+        .get(app.url("/v1/jobs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 0);
+    app.assert_store_empties().await;
+    app.stop().await;
+}
+
+async fn an_empty_upload_is_a_bad_request(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let token = app.token("empty");
+    let response = app.upload(&token, Vec::new(), "application/pdf").await;
+    assert_problem(response, 400, "empty-document").await;
+    // Empty without a Content-Length (chunked).
+    let body = reqwest::Body::wrap_stream(futures::stream::iter(Vec::<
+        Result<Vec<u8>, std::io::Error>,
+    >::new()));
+    let response = app
+        .http
+        .post(app.url("/v1/documents"))
+        .bearer_auth(&token)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 400, "empty-document").await;
+    app.assert_store_empties().await;
+    app.stop().await;
+}
+
+async fn oversized_uploads_are_refused_with_or_without_a_length(backend: Backend) {
+    let limit = 6 * 1024 * 1024;
+    let app = TestApp::spawn_with(backend, |s| s.max_upload_bytes = limit).await;
+    let token = app.token("big");
+    let mut big = b"%PDF-1.7\n".to_vec();
+    big.resize(limit as usize + 1, b'x');
+
+    let response = app.upload(&token, big.clone(), "application/pdf").await;
+    let problem = assert_problem(response, 413, "document-too-large").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("6 MB"),
+        "{problem}"
+    );
+
+    // Chunked, no Content-Length: refused once the limit is crossed; the partial write
+    // (a multipart upload on S3) is aborted.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        big.chunks(256 * 1024).map(|c| Ok(c.to_vec())).collect();
+    let response = app
+        .http
+        .post(app.url("/v1/documents"))
+        .bearer_auth(&token)
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 413, "document-too-large").await;
+
+    // Exactly at the limit is fine.
+    big.truncate(limit as usize);
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        big.chunks(256 * 1024).map(|c| Ok(c.to_vec())).collect();
+    let response = app
+        .http
+        .post(app.url("/v1/documents"))
+        .bearer_auth(&token)
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(job["size_bytes"], limit);
+    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "failed", "padding is not a PDF");
+    assert_eq!(done["error"]["code"], "document-unreadable");
+    app.assert_store_empties().await;
+    app.stop().await;
+}
+
+async fn bad_tokens_get_401_as_problem_json(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let routes = [
+        ("GET", "/v1/jobs".to_owned()),
+        ("GET", "/v1/jobs/0193abcd".to_owned()),
+        ("DELETE", "/v1/jobs/0193abcd".to_owned()),
+        ("GET", "/v1/jobs/0193abcd/events".to_owned()),
+        ("DELETE", "/v1/me/data".to_owned()),
+        ("POST", "/v1/documents".to_owned()),
+    ];
+    let forged = {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        let claims =
+            serde_json::json!({"sub": "alice", "exp": jsonwebtoken::get_current_timestamp() + 600});
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"not-the-server-secret-not-the-server").unwrap(),
+        )
+        .unwrap()
+    };
+    let expired = {
+        let auth = &app.state().auth;
+        // Minted with the right key but already two minutes past its expiry.
+        let secret = std::fs::read_to_string(app.data_dir.path().join("jwt.secret")).unwrap();
+        use base64::Engine;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(secret.trim())
+            .unwrap();
+        let _ = auth;
+        let claims =
+            serde_json::json!({"sub": "alice", "exp": jsonwebtoken::get_current_timestamp() - 120});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(&key).unwrap(),
+        )
+        .unwrap()
+    };
+    let unsigned = {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.",
+            b64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+            b64.encode(r#"{"sub":"alice","exp":9999999999}"#)
+        )
+    };
+    for (method, path) in &routes {
+        for auth in [
+            None,
+            Some("Bearer".to_owned()),
+            Some("Bearer not.a.jwt".into()),
+            Some(format!("Bearer {forged}")),
+            Some(format!("Bearer {expired}")),
+            Some(format!("Bearer {unsigned}")),
+            Some(format!("Basic {forged}")),
+        ] {
+            let mut req = app.http.request(method.parse().unwrap(), app.url(path));
+            if let Some(a) = &auth {
+                req = req.header("authorization", a);
+            }
+            let response = req.send().await.unwrap();
+            let problem = assert_problem(response, 401, "unauthorized").await;
+            assert_eq!(problem["retryable"], false);
+        }
+    }
+    // The right token works.
+    let ok = app
+        .http
+        .get(app.url("/v1/jobs"))
+        .bearer_auth(app.token("alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+async fn another_users_job_is_a_404_on_every_route(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let alice = app.token("alice");
+    let mallory = app.token("mallory");
+    let job = app.upload_ok(&alice, png(10, 10), "image/png").await;
+    let id = job["id"].as_str().unwrap();
+    app.wait_terminal(&alice, id).await;
+
+    let missing = "0193ffff-0000-7000-8000-000000000000";
+    for target in [id, missing] {
+        let r = app.get_job(&mallory, target).await;
+        let foreign = assert_problem(r, 404, "job-not-found").await;
+        let r = app
+            .http
+            .get(app.url(&format!("/v1/jobs/{target}/events")))
+            .bearer_auth(&mallory)
+            .send()
+            .await
+            .unwrap();
+        let foreign_events = assert_problem(r, 404, "job-not-found").await;
+        let r = app
+            .http
+            .delete(app.url(&format!("/v1/jobs/{target}")))
+            .bearer_auth(&mallory)
+            .send()
+            .await
+            .unwrap();
+        let foreign_delete = assert_problem(r, 404, "job-not-found").await;
+        // Indistinguishable from a job that does not exist.
+        assert_eq!(foreign["detail"], foreign_events["detail"]);
+        assert_eq!(foreign["detail"], foreign_delete["detail"]);
+    }
+    let list: Value = app
+        .http
+        .get(app.url("/v1/jobs"))
+        .bearer_auth(&mallory)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list["jobs"].as_array().unwrap().is_empty());
+    // Mallory deleting all of her data leaves Alice's job alone.
+    let r = app
+        .http
+        .delete(app.url("/v1/me/data"))
+        .bearer_auth(&mallory)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = app.get_job(&alice, id).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+async fn the_same_idempotency_key_returns_the_same_job(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let token = app.token("retrying-phone");
+    let send = |key: &'static str| {
+        app.http
+            .post(app.url("/v1/documents"))
+            .bearer_auth(&token)
+            .header("idempotency-key", key)
+            .body(corpus_file("001-trivial--minimal-document.pdf"))
+            .send()
+    };
+    let first: Value = send("upload-1").await.unwrap().json().await.unwrap();
+    let second = send("upload-1").await.unwrap();
+    assert_eq!(second.status(), StatusCode::ACCEPTED);
+    let second: Value = second.json().await.unwrap();
+    assert_eq!(first["id"], second["id"]);
+
+    // Two concurrent requests with a new key: one job.
+    let (a, b) = tokio::join!(send("upload-2"), send("upload-2"));
+    let a: Value = a.unwrap().json().await.unwrap();
+    let b: Value = b.unwrap().json().await.unwrap();
+    assert_eq!(a["id"], b["id"], "{a} {b}");
+
+    // The same key from another user is another job.
+    let other = app.token("someone-else");
+    let c: Value = app
+        .http
+        .post(app.url("/v1/documents"))
+        .bearer_auth(&other)
+        .header("idempotency-key", "upload-1")
+        .body(corpus_file("001-trivial--minimal-document.pdf"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(c["id"], first["id"]);
+
+    let list: Value = app
+        .http
+        .get(app.url("/v1/jobs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 2);
+    for id in [&first["id"], &a["id"]] {
+        app.wait_terminal(&token, id.as_str().unwrap()).await;
+    }
+    app.wait_terminal(&other, c["id"].as_str().unwrap()).await;
+    // The loser of the race discarded its copy: nothing is left once the jobs are done.
+    app.assert_store_empties().await;
+    app.stop().await;
+}
+
+async fn deleting_my_data_removes_every_job_and_object(backend: Backend) {
+    // No worker: the documents stay in the store until the purge.
+    let app = TestApp::spawn_with(backend, |s| s.roles.worker = false).await;
+    let token = app.token("leaving");
+    let other = app.token("staying");
+    for _ in 0..3 {
+        app.upload_ok(&token, png(8, 8), "image/png").await;
+    }
+    let kept = app.upload_ok(&other, png(8, 8), "image/png").await;
+    assert_eq!(app.objects().await.len(), 4);
+    let r = app
+        .http
+        .delete(app.url("/v1/me/data"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let list: Value = app
+        .http
+        .get(app.url("/v1/jobs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list["jobs"].as_array().unwrap().is_empty());
+    let left = app.objects().await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].contains(kept["id"].as_str().unwrap()));
+    // Object keys are opaque: no user id, no file name.
+    assert!(!left[0].contains("staying"));
+    // Deleting again is fine.
+    let r = app
+        .http
+        .delete(app.url("/v1/me/data"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    app.stop().await;
+}
+
+async fn jobs_are_listed_newest_first(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| s.roles.worker = false).await;
+    let token = app.token("lister");
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(app.upload_ok(&token, png(4, 4), "image/png").await["id"].clone());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let list: Value = app
+        .http
+        .get(app.url("/v1/jobs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<Value> = list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].clone())
+        .collect();
+    ids.reverse();
+    assert_eq!(listed, ids);
+    // A job that is not terminal tells the app when to poll again.
+    let r = app.get_job(&token, ids[0].as_str().unwrap()).await;
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=600).contains(&retry_after));
+    app.stop().await;
+}
+
+async fn events_stream_the_job_until_it_is_terminal(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| s.roles.worker = false).await;
+    let token = app.token("listener");
+    let job = app
+        .upload_ok(
+            &token,
+            corpus_file("004-pdflatex-4-pages--pdflatex-4-pages.pdf"),
+            "application/pdf",
+        )
+        .await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let response = app
+        .http
+        .get(app.url(&format!("/v1/jobs/{id}/events")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+
+    // Start a worker only now, so the stream sees queued, then the rest.
+    let worker_state = app.state().clone();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(medrelay::worker::run(worker_state, stop.clone()));
+
+    let body = tokio::time::timeout(Duration::from_secs(30), response.text())
+        .await
+        .expect("the stream ends after a terminal state")
+        .unwrap();
+    let statuses: Vec<String> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| {
+            serde_json::from_str::<Value>(d.trim()).unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(body.contains("event: job"), "{body}");
+    assert_eq!(
+        statuses.first().map(String::as_str),
+        Some("queued"),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("succeeded"),
+        "{statuses:?}"
+    );
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+    app.stop().await;
+}
+
+async fn an_accepted_job_survives_a_restart(backend: Backend) {
+    let mut app = TestApp::spawn_with(backend, |s| s.roles.worker = false).await;
+    let token = app.token("patient");
+    let job = app
+        .upload_ok(
+            &token,
+            corpus_file("001-trivial--minimal-document.pdf"),
+            "application/pdf",
+        )
+        .await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    app.settings.roles.worker = true;
+    app.restart().await;
+    let done = app.wait_terminal(&token, &id).await;
+    assert_eq!(done["status"], "succeeded");
+    assert_eq!(done["result"]["document"]["page_count"], 1);
+    app.stop().await;
+}
+
+async fn expired_jobs_answer_410_and_their_data_is_gone(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        s.roles.worker = false;
+        s.temp_ttl = Duration::from_secs(1);
+        s.sweep_interval = Duration::from_millis(200);
+    })
+    .await;
+    let token = app.token("slow");
+    let job = app.upload_ok(&token, png(8, 8), "image/png").await;
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(app.objects().await.len(), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = app.get_job(&token, id).await;
+        if r.status() == StatusCode::GONE {
+            assert_problem(r, 410, "job-expired").await;
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job not expired in time"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.assert_store_empties().await;
+    app.stop().await;
+}
+
+async fn operations_routes_answer(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let token = app.token("ops");
+    let job = app.upload_ok(&token, png(8, 8), "image/png").await;
+    app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    for path in ["/healthz", "/readyz"] {
+        let r = app.http.get(app.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+    }
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("medrelay_jobs{status=\"succeeded\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("medrelay_upload_bytes_total"), "{metrics}");
+    let spec: Value = app
+        .http
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for path in [
+        "/v1/documents",
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/events",
+        "/v1/me/data",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(
+            spec["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    // Unknown routes and wrong methods are problem+json too.
+    assert_problem(
+        app.http.get(app.url("/v2/nothing")).send().await.unwrap(),
+        404,
+        "not-found",
+    )
+    .await;
+    assert_problem(
+        app.http
+            .put(app.url("/v1/documents"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap(),
+        405,
+        "method-not-allowed",
+    )
+    .await;
+    app.stop().await;
+}
+
+async fn simple_rules_fill_the_document_type_and_date(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let token = app.token("lab");
+    let pdf = text_pdf(&[
+        "City Hospital Laboratory",
+        "Lab Report",
+        "Collected: 2026-10-02",
+        "Hemoglobin 13.2 g/dL   Reference range 12.0 - 16.0",
+        "The patient sample was analysed and the results are listed in this report.",
+    ]);
+    let job = app.upload_ok(&token, pdf, "application/pdf").await;
+    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let doc = &done["result"]["document"];
+    assert_eq!(doc["type"], "lab_report", "{done}");
+    assert_eq!(doc["date"], "2026-10-02");
+    assert_eq!(doc["page_count"], 1);
+    assert_eq!(doc["language"], "en");
+    assert!(
+        done["result"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Hemoglobin 13.2")
+    );
+    app.stop().await;
+}
