@@ -270,6 +270,36 @@ impl fmt::Debug for Settings {
     }
 }
 
+/// The settings' names: `MEDRELAY_<NAME>` in upper case. Other `MEDRELAY_*` variables are
+/// ignored with a warning (a deployment may set variables for other tools or newer versions);
+/// an unknown key in a configuration file is an error.
+pub const KNOWN_KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "database_url",
+    "storage_url",
+    "processor",
+    "anthropic_api_key",
+    "anthropic_base_url",
+    "anthropic_model",
+    "temp_ttl",
+    "retry_delays",
+    "sweep_interval",
+    "max_upload_bytes",
+    "workers",
+    "lease",
+    "master_key_file",
+    "jwt_secret",
+    "jwt_secret_file",
+    "jwks_url",
+    "jwt_issuer",
+    "jwt_audience",
+    "roles",
+    "shutdown_grace",
+    "poll_interval",
+    "log_format",
+];
+
 /// Command-line overrides, as the CLI collected them (each `None` when not given).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Overrides {
@@ -305,8 +335,19 @@ impl Settings {
             );
             figment = figment.merge(Toml::file(file));
         }
+        for (name, _) in std::env::vars() {
+            if let Some(key) = name.strip_prefix("MEDRELAY_")
+                && key != "CONFIG"
+                && !KNOWN_KEYS.contains(&key.to_ascii_lowercase().as_str())
+            {
+                eprintln!("medrelay: ignoring unknown environment variable {name}");
+            }
+        }
         figment = figment
-            .merge(Env::prefixed("MEDRELAY_").ignore(&["CONFIG"]))
+            .merge(
+                Env::prefixed("MEDRELAY_")
+                    .filter(|key| KNOWN_KEYS.contains(&key.as_str().to_ascii_lowercase().as_str())),
+            )
             .merge(
                 Env::raw()
                     .only(&["ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"])
@@ -427,6 +468,24 @@ mod tests {
         assert!(!text.contains("hunter2"), "{text}");
         assert!(!text.contains("sk-ant-canary"), "{text}");
         assert!(!text.contains("pgpassword"), "{text}");
+    }
+
+    #[test]
+    fn every_setting_has_a_known_key() {
+        let value = serde_json::to_value(Settings::defaults()).unwrap();
+        let fields: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        for field in &fields {
+            assert!(
+                KNOWN_KEYS.contains(field),
+                "{field} is missing from KNOWN_KEYS"
+            );
+        }
+        assert_eq!(fields.len(), KNOWN_KEYS.len());
     }
 
     #[test]

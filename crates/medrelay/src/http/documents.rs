@@ -86,7 +86,7 @@ pub async fn create_document(
         }) => (stored, path, user_prefix, job_id, idempotency_key),
         Ok(Received::Existing(job)) => {
             body.drain_in_background();
-            return Ok(accepted(job));
+            return Ok(accepted(*job));
         }
         Err(e) => {
             // The client may still be sending: let it finish, so that it reads our answer
@@ -141,7 +141,7 @@ enum Received {
         job_id: String,
         idempotency_key: Option<String>,
     },
-    Existing(Job),
+    Existing(Box<Job>),
 }
 
 /// Checks the request and streams its document into the store.
@@ -178,7 +178,7 @@ async fn receive(
             .await
             .map_err(ApiError::unavailable)?
     {
-        return Ok(Received::Existing(existing.to_job()));
+        return Ok(Received::Existing(Box::new(existing.to_job())));
     }
 
     let job_id = uuid::Uuid::now_v7().to_string();

@@ -350,11 +350,11 @@ fn detect_language(text: &str) -> Option<String> {
             )
         })
         .collect();
-    scores.sort_by(|a, b| b.1.cmp(&a.1));
+    scores.sort_by_key(|s| std::cmp::Reverse(s.1));
     let (best, score) = scores[0];
     let runner_up = scores[1].1;
     // Demand a clear lead and a minimum share of function words.
-    (score * 20 >= words.len() && score >= runner_up * 3 / 2 + 1).then(|| best.to_owned())
+    (score * 20 >= words.len() && score > runner_up * 3 / 2).then(|| best.to_owned())
 }
 
 #[cfg(test)]

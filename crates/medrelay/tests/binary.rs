@@ -1,0 +1,492 @@
+//! The real `medrelay` binary, as an operator and the external checks run it: `serve` with
+//! embedded defaults, configuration by environment, file and flags, `token`, `process`,
+//! `purge-user`, `openapi`, SIGTERM, and memory while a large upload streams in.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{corpus_file, png};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_medrelay");
+
+/// A `medrelay serve` child process on a fresh data dir.
+struct Server {
+    child: Child,
+    addr: String,
+    data_dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(envs: &[(&str, &str)]) -> Server {
+        let data_dir = tempfile::tempdir().unwrap();
+        Self::start_in(data_dir, envs, &[])
+    }
+
+    fn start_in(data_dir: tempfile::TempDir, envs: &[(&str, &str)], args: &[&str]) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(data_dir.path())
+            .args(args)
+            .arg("serve")
+            .env("MEDRELAY_LISTEN", "127.0.0.1:0")
+            .env("MEDRELAY_DATA_DIR", data_dir.path().join("data"))
+            .env("MEDRELAY_POLL_INTERVAL", "100ms")
+            .env_remove("MEDRELAY_DATABASE_URL")
+            .env_remove("MEDRELAY_STORAGE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starting medrelay serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("serve prints its address");
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .trim()
+            .to_owned();
+        assert!(addr.starts_with("http://127.0.0.1:"), "{addr}");
+        assert!(!addr.ends_with(":0"), "the real port is printed: {addr}");
+        Server {
+            child,
+            addr,
+            data_dir,
+        }
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.data_dir.path().join("data")
+    }
+
+    fn token(&self, user: &str) -> String {
+        let out = Command::new(BIN)
+            .args(["token", "--user", user])
+            .env("MEDRELAY_DATA_DIR", self.data())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Peak and current resident memory of the server, in KiB.
+    fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap()
+        };
+        (field("VmHWM:"), field("VmRSS:"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_terminal(http: &reqwest::Client, addr: &str, token: &str, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job: Value = http
+            .get(format!("{addr}/v1/jobs/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if job["status"] == "succeeded" || job["status"] == "failed" {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} not done: {job}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn files_below(dir: &Path) -> Vec<std::path::PathBuf> {
+    common::walk(dir)
+}
+
+#[tokio::test]
+async fn serve_on_embedded_defaults_runs_the_whole_lifecycle_and_forgets() {
+    let mut server = Server::start(&[]);
+    let http = reqwest::Client::new();
+    let alice = server.token("alice");
+    let bob = server.token("bob");
+    let secret = server.data().join("jwt.secret");
+    let mode = std::fs::metadata(&secret).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+
+    let job: Value = http
+        .post(format!("{}/v1/documents", server.addr))
+        .bearer_auth(&alice)
+        .header("content-type", "application/pdf")
+        .body(corpus_file("006-pdflatex-outline--pdflatex-outline.pdf"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let r = http
+        .get(format!("{}/v1/jobs/{id}", server.addr))
+        .bearer_auth(&bob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let done = wait_terminal(&http, &server.addr, &alice, id).await;
+    assert_eq!(done["result"]["document"]["page_count"], 4);
+    assert!(
+        server.data().join("medrelay.db").exists(),
+        "SQLite lives in the data dir"
+    );
+
+    let r = http
+        .delete(format!("{}/v1/jobs/{id}", server.addr))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let objects = server.data().join("objects");
+    assert!(objects.is_dir());
+    assert!(
+        files_below(&objects).is_empty(),
+        "{:?}",
+        files_below(&objects)
+    );
+
+    let status = server.terminate();
+    assert!(status.success(), "a clean exit after SIGTERM: {status:?}");
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_upload_in_flight_finish() {
+    let mut server = Server::start(&[("MEDRELAY_ROLES", "api,sweeper")]);
+    let token = server.token("slow-network");
+    let addr = server.addr.clone();
+    let pdf = corpus_file("011-google-doc-document--google-doc-document.pdf");
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let chunks: Vec<Vec<u8>> = pdf.chunks(8 * 1024).map(<[u8]>::to_vec).collect();
+    let body = futures::stream::unfold(
+        (chunks.into_iter(), Some(started_tx)),
+        |(mut it, mut tx)| async move {
+            let chunk = it.next()?;
+            if let Some(tx) = tx.take() {
+                let _ = tx.send(());
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            Some((Ok::<_, std::io::Error>(chunk), (it, tx)))
+        },
+    );
+    let upload = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{addr}/v1/documents"))
+            .bearer_auth(token)
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+    });
+    started_rx.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.terminate();
+        (status, server)
+    });
+    let response = upload
+        .await
+        .unwrap()
+        .expect("the in-flight upload is answered");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let (status, _server) = status.await.unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_30_mb_upload_streams_without_holding_the_file_in_memory() {
+    // API only, so that no worker reads the document while memory is measured.
+    let server = Server::start(&[("MEDRELAY_ROLES", "api")]);
+    let token = server.token("big-scan");
+    let http = reqwest::Client::new();
+    // Warm up allocator and connection pools with a small upload first.
+    let warm = http
+        .post(format!("{}/v1/documents", server.addr))
+        .bearer_auth(&token)
+        .body(png(16, 16))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(warm.status(), StatusCode::ACCEPTED);
+    let (_, before_rss) = server.memory_kib();
+
+    let size = 30 * 1024 * 1024;
+    let mut header = b"%PDF-1.7\n".to_vec();
+    header.resize(64 * 1024, b' ');
+    let chunk = vec![b'x'; 64 * 1024];
+    let chunks = std::iter::once(header).chain(std::iter::repeat_n(chunk, size / (64 * 1024) - 1));
+    let body =
+        reqwest::Body::wrap_stream(futures::stream::iter(chunks.map(Ok::<_, std::io::Error>)));
+    let response = http
+        .post(format!("{}/v1/documents", server.addr))
+        .bearer_auth(&token)
+        .header("content-length", size.to_string())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(job["size_bytes"], size);
+    let (peak, _) = server.memory_kib();
+    let grew_mib = (peak.saturating_sub(before_rss)) as f64 / 1024.0;
+    eprintln!(
+        "peak RSS {:.1} MiB, grew {grew_mib:.1} MiB while receiving 30 MiB",
+        peak as f64 / 1024.0
+    );
+    assert!(
+        grew_mib < 10.0,
+        "peak RSS grew by {grew_mib:.1} MiB for a 30 MiB upload"
+    );
+}
+
+#[test]
+fn process_prints_the_result_of_one_file_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let pdf = common::corpus_dir().join("009-pdflatex-geotopo--GeoTopo-komprimiert.pdf");
+    let out = Command::new(BIN)
+        .args(["process"])
+        .arg(&pdf)
+        .current_dir(dir.path())
+        .env("MEDRELAY_DATA_DIR", dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        result["document"]["page_count"], 117,
+        "the 100-page limit is Claude's, not ours"
+    );
+    assert!(result["text"].as_str().unwrap().len() > 10_000);
+    assert!(!dir.path().join("data").exists(), "process stores nothing");
+
+    let encrypted = common::corpus_dir()
+        .join("005-libreoffice-writer-password--libreoffice-writer-password.pdf");
+    let out = Command::new(BIN)
+        .args(["process"])
+        .arg(&encrypted)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("password") && err.contains("document-encrypted"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+
+    let out = Command::new(BIN)
+        .args(["process", "/bin/sh"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported"));
+}
+
+#[test]
+fn openapi_command_prints_the_committed_document() {
+    let out = Command::new(BIN).arg("openapi").output().unwrap();
+    assert!(out.status.success());
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let committed_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+    let committed: Value =
+        serde_json::from_str(&std::fs::read_to_string(&committed_path).unwrap_or_default())
+            .unwrap_or(Value::Null);
+    assert_eq!(
+        printed, committed,
+        "docs/openapi.json is out of date: run `cargo run -- openapi > docs/openapi.json`"
+    );
+    assert!(printed["paths"]["/v1/documents"]["post"].is_object());
+    assert!(printed["components"]["schemas"]["Job"].is_object());
+}
+
+#[tokio::test]
+async fn configuration_comes_from_a_file_the_environment_and_flags_in_that_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("medrelay.toml");
+    std::fs::write(
+        &config,
+        "max_upload_bytes = 1000\nworkers = 2\nlisten = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    // The file says 1000 bytes; the environment says 2000; the listen flag beats both.
+    let server = Server::start_in(
+        dir,
+        &[
+            ("MEDRELAY_MAX_UPLOAD_BYTES", "2000"),
+            ("MEDRELAY_TEMP_TTL", "5m"),
+        ],
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let token = server.token("config");
+    let http = reqwest::Client::new();
+    let mut body = b"%PDF-1.4\n".to_vec();
+    body.resize(1500, b' ');
+    let r = http
+        .post(format!("{}/v1/documents", server.addr))
+        .bearer_auth(&token)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::ACCEPTED,
+        "1500 bytes pass the environment's 2000"
+    );
+    let job: Value = r.json().await.unwrap();
+    let created = time::OffsetDateTime::parse(
+        job["created_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let expires = time::OffsetDateTime::parse(
+        job["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!((expires - created).whole_seconds(), 300);
+    body.resize(2500, b' ');
+    let r = http
+        .post(format!("{}/v1/documents", server.addr))
+        .bearer_auth(&token)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // A bad value is refused at start with a message naming it.
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env("MEDRELAY_LEASE", "soon")
+        .env("MEDRELAY_DATA_DIR", server.data())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.to_lowercase().contains("lease") && err.contains("soon"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn purge_user_deletes_every_byte_of_one_user() {
+    let mut server = Server::start(&[("MEDRELAY_ROLES", "api")]);
+    let http = reqwest::Client::new();
+    let gone = server.token("gone");
+    let kept = server.token("kept");
+    for token in [&gone, &gone, &kept] {
+        let r = http
+            .post(format!("{}/v1/documents", server.addr))
+            .bearer_auth(token)
+            .body(png(8, 8))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    let objects = server.data().join("objects");
+    let count = |dir: &Path| files_below(dir).into_iter().filter(|p| p.is_file()).count();
+    assert_eq!(count(&objects), 3);
+    let out = Command::new(BIN)
+        .args(["purge-user", "gone"])
+        .env("MEDRELAY_DATA_DIR", server.data())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deleted 2 jobs"));
+    assert_eq!(count(&objects), 1);
+    let list: Value = http
+        .get(format!("{}/v1/jobs", server.addr))
+        .bearer_auth(&gone)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list["jobs"].as_array().unwrap().is_empty());
+    let list: Value = http
+        .get(format!("{}/v1/jobs", server.addr))
+        .bearer_auth(&kept)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+    assert!(server.terminate().success());
+}
