@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::config::{ProcessorKind, Settings};
+use crate::crypto::Keyring;
 use crate::db::Db;
 use crate::keys;
 use crate::processor::Processor;
@@ -32,6 +33,7 @@ pub struct AppState {
     pub store: Store,
     pub auth: Authenticator,
     pub processor: Arc<dyn Processor>,
+    pub keyring: Arc<Keyring>,
     pub prefix_key: Arc<hmac::Key>,
     /// Ids of jobs that changed, for server-sent events.
     pub events: broadcast::Sender<String>,
@@ -55,9 +57,12 @@ impl AppState {
             .context("opening the job database")?;
         let store = Store::open(&settings.storage_url()).context("opening the object store")?;
         let auth = Authenticator::new(&settings).context("loading token keys")?;
-        let master = keys::load_or_create(&settings.master_key_file(), 32, "master key")
-            .context("loading the master key")?;
-        let prefix_key = keys::derive_prefix_key(&master)?;
+        let keyring = Keyring::load(
+            settings.master_key.as_ref().map(|k| k.expose()),
+            &settings.master_key_file(),
+        )
+        .context("loading the master keys")?;
+        let prefix_key = keys::derive_prefix_key(keyring.prefix_source())?;
         let processor: Arc<dyn Processor> = match settings.processor {
             ProcessorKind::Local => Arc::new(LocalProcessor),
             ProcessorKind::Anthropic => {
@@ -71,6 +76,7 @@ impl AppState {
             store,
             auth,
             processor,
+            keyring: Arc::new(keyring),
             prefix_key: Arc::new(prefix_key),
             events,
             wake: Arc::new(Notify::new()),

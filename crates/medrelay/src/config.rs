@@ -219,6 +219,10 @@ pub struct Settings {
     pub lease: Duration,
     #[serde(default)]
     pub master_key_file: Option<PathBuf>,
+    /// Master keys inline (`[kid:]base64`, comma-separated; the last one encrypts). Takes
+    /// precedence over `master_key_file`.
+    #[serde(default)]
+    pub master_key: Option<Secret>,
     /// HS256 secret; when neither this nor `jwt_secret_file` is set, one is generated into
     /// the data dir.
     #[serde(default)]
@@ -263,6 +267,7 @@ impl fmt::Debug for Settings {
             .field("max_upload_bytes", &self.max_upload_bytes)
             .field("workers", &self.workers)
             .field("lease", &self.lease)
+            .field("master_key", &self.master_key)
             .field("jwt_secret", &self.jwt_secret)
             .field("jwks_url", &self.jwks_url)
             .field("roles", &self.roles)
@@ -289,6 +294,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "workers",
     "lease",
     "master_key_file",
+    "master_key",
     "jwt_secret",
     "jwt_secret_file",
     "jwks_url",

@@ -15,6 +15,7 @@ use sqlx::sqlite::{
 };
 use time::OffsetDateTime;
 
+use crate::crypto::WrappedKey;
 use crate::model::{Job, JobError, JobStatus};
 
 /// Runs the same statement on whichever pool backs the database.
@@ -59,6 +60,10 @@ pub struct JobRow {
     pub expires_at: i64,
     pub deleted_at: Option<i64>,
     pub deleted_reason: Option<String>,
+    pub document_kek: Option<String>,
+    pub document_dek: Option<Vec<u8>>,
+    pub result_kek: Option<String>,
+    pub result_dek: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for JobRow {
@@ -72,6 +77,22 @@ impl std::fmt::Debug for JobRow {
 }
 
 impl JobRow {
+    /// The wrapped data key of the document, while the document exists.
+    pub fn document_key(&self) -> Option<WrappedKey> {
+        Some(WrappedKey {
+            kid: self.document_kek.clone()?,
+            bytes: self.document_dek.clone()?,
+        })
+    }
+
+    /// The wrapped data key of the result, while the result exists.
+    pub fn result_key(&self) -> Option<WrappedKey> {
+        Some(WrappedKey {
+            kid: self.result_kek.clone()?,
+            bytes: self.result_dek.clone()?,
+        })
+    }
+
     pub fn status(&self) -> JobStatus {
         JobStatus::parse(&self.status).unwrap_or(JobStatus::Failed)
     }
@@ -110,6 +131,7 @@ pub struct NewJob {
     pub size_bytes: i64,
     pub max_attempts: i64,
     pub idempotency_key: Option<String>,
+    pub document_key: WrappedKey,
     pub now: i64,
     pub expires_at: i64,
 }
@@ -244,7 +266,8 @@ impl Db {
     pub async fn insert_job(&self, job: &NewJob) -> anyhow::Result<Inserted> {
         let sql = "INSERT INTO jobs (id, user_id, user_prefix, status, media_type, size_bytes, \
                    attempts, max_attempts, run_at, idempotency_key, created_at, updated_at, \
-                   expires_at) VALUES ($1, $2, $3, 'queued', $4, $5, 0, $6, $7, $8, $7, $7, $9) \
+                   expires_at, document_kek, document_dek) \
+                   VALUES ($1, $2, $3, 'queued', $4, $5, 0, $6, $7, $8, $7, $7, $9, $10, $11) \
                    RETURNING *";
         let inserted = on_pool!(self, |p| sqlx::query_as::<_, JobRow>(sql)
             .bind(&job.id)
@@ -256,6 +279,8 @@ impl Db {
             .bind(job.now)
             .bind(&job.idempotency_key)
             .bind(job.expires_at)
+            .bind(&job.document_key.kid)
+            .bind(&job.document_key.bytes)
             .fetch_one(p)
             .await);
         match inserted {
@@ -362,14 +387,17 @@ impl Db {
         Ok(done == 1)
     }
 
-    /// Marks a claimed job succeeded with its result. `false` if the lease was lost.
+    /// Marks a claimed job succeeded with its encrypted result, and destroys the document's
+    /// data key in the same commit. `false` if the lease was lost.
     pub async fn complete(
         &self,
         id: &str,
         lease_token: &str,
         result: &[u8],
+        result_key: &WrappedKey,
     ) -> anyhow::Result<bool> {
-        let sql = "UPDATE jobs SET status = 'succeeded', result = $1, lease_token = NULL, \
+        let sql = "UPDATE jobs SET status = 'succeeded', result = $1, result_kek = $5, \
+                   result_dek = $6, document_kek = NULL, document_dek = NULL, lease_token = NULL, \
                    lease_until = NULL, next_attempt_at = NULL, updated_at = $2 \
                    WHERE id = $3 AND lease_token = $4 AND status = 'processing' \
                    AND deleted_at IS NULL";
@@ -378,6 +406,8 @@ impl Db {
             .bind(now_millis())
             .bind(id)
             .bind(lease_token)
+            .bind(&result_key.kid)
+            .bind(&result_key.bytes)
             .execute(p)
             .await
             .map(|r| r.rows_affected()))?;
@@ -393,6 +423,7 @@ impl Db {
     ) -> anyhow::Result<bool> {
         let sql = "UPDATE jobs SET status = 'failed', error_code = $1, error_message = $2, \
                    error_retryable = $3, lease_token = NULL, lease_until = NULL, \
+                   document_kek = NULL, document_dek = NULL, \
                    next_attempt_at = NULL, updated_at = $4 \
                    WHERE id = $5 AND lease_token = $6 AND status = 'processing' \
                    AND deleted_at IS NULL";
@@ -459,7 +490,8 @@ impl Db {
         };
         let sql = "UPDATE jobs SET deleted_at = $1, deleted_reason = $2, result = NULL, \
                    error_message = NULL, idempotency_key = NULL, lease_token = NULL, \
-                   lease_until = NULL, updated_at = $1 \
+                   lease_until = NULL, updated_at = $1, document_kek = NULL, document_dek = NULL, \
+                   result_kek = NULL, result_dek = NULL \
                    WHERE id = $3 AND user_id = $4 AND deleted_at IS NULL";
         let done = on_pool!(self, |p| sqlx::query(sql)
             .bind(now_millis())
@@ -472,11 +504,12 @@ impl Db {
         Ok((done == 1).then_some(before))
     }
 
-    /// Tombstones every live job of a user; returns their prefixes (usually one).
+    /// Tombstones every live job of a user, destroying every data key in one commit.
     pub async fn tombstone_user(&self, user_id: &str, reason: &str) -> anyhow::Result<u64> {
         let sql = "UPDATE jobs SET deleted_at = $1, deleted_reason = $2, result = NULL, \
                    error_message = NULL, idempotency_key = NULL, lease_token = NULL, \
-                   lease_until = NULL, updated_at = $1 \
+                   lease_until = NULL, updated_at = $1, document_kek = NULL, document_dek = NULL, \
+                   result_kek = NULL, result_dek = NULL \
                    WHERE user_id = $3 AND deleted_at IS NULL";
         let done = on_pool!(self, |p| sqlx::query(sql)
             .bind(now_millis())

@@ -3,6 +3,7 @@
 //!
 //! Owns the key layout `{user prefix}/{job id}/{object}`: opaque ids only, never a user name
 //! or a file name. Uploads stream in bounded chunks; nothing is held whole in memory.
+//! The store never sees plaintext: callers hand it ciphertext from `crypto`.
 
 use std::sync::Arc;
 
@@ -39,7 +40,7 @@ pub enum ObjectKind {
 }
 
 impl ObjectKind {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             ObjectKind::Document => "document",
         }
@@ -121,6 +122,15 @@ impl Store {
         }
     }
 
+    /// Writes a whole object at once (small objects and tests).
+    pub async fn put(&self, path: &Path, bytes: Bytes) -> anyhow::Result<()> {
+        self.inner
+            .put(path, bytes.into())
+            .await
+            .context("writing an object")?;
+        Ok(())
+    }
+
     /// Reads a whole object (documents are bounded by the upload limit).
     pub async fn read(&self, path: &Path) -> anyhow::Result<Bytes> {
         let got = self.inner.get(path).await.context("reading an object")?;
@@ -136,22 +146,34 @@ impl Store {
     }
 
     /// Deletes every object under `prefix` (a user prefix, or `user/job`). Returns the count.
+    /// Objects that vanish meanwhile (another deleter won) count as deleted; other errors are
+    /// reported after every other object was tried.
     pub async fn delete_prefix(&self, prefix: &str) -> anyhow::Result<u64> {
-        let prefix = Path::from(prefix);
+        let prefix_path = Path::from(prefix);
         let paths = self
             .inner
-            .list(Some(&prefix))
+            .list(Some(&prefix_path))
             .map_ok(|meta| meta.location)
             .boxed();
-        let deleted = self
-            .inner
-            .delete_stream(paths)
-            .try_fold(0u64, |n, _| async move { Ok(n + 1) })
-            .await;
-        match deleted {
-            Ok(n) => Ok(n),
-            Err(object_store::Error::NotFound { .. }) => Ok(0),
-            Err(e) => Err(e).context("deleting objects by prefix"),
+        let mut results = self.inner.delete_stream(paths);
+        let mut deleted = 0u64;
+        let mut first_error = None;
+        while let Some(result) = results.next().await {
+            match result {
+                Ok(_) => deleted += 1,
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(root) = &self.local_root {
+            // Folders emptied by a concurrent deleter may be left behind; remove them.
+            prune_empty_parents(root, &prefix_path.clone().join("_"));
+        }
+        match first_error {
+            None => Ok(deleted),
+            Some(e) => Err(e).context("deleting objects by prefix"),
         }
     }
 

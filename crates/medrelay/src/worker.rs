@@ -16,7 +16,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use bytes::Bytes;
+
 use crate::app::AppState;
+use crate::crypto::{self, Binding, WrappedKey};
 use crate::db::{self, JobRow};
 use crate::model::JobError;
 use crate::processor::{Document, MediaType, ProcessError};
@@ -150,7 +153,7 @@ fn spawn_heartbeat(
 }
 
 /// One processing attempt: read the document, run the processor, contain any panic.
-async fn attempt(state: &AppState, row: &JobRow) -> Result<Vec<u8>, ProcessError> {
+async fn attempt(state: &AppState, row: &JobRow) -> Result<SealedResult, ProcessError> {
     let media_type = MediaType::parse(&row.media_type)
         .ok_or_else(|| ProcessError::Unmanaged(anyhow::anyhow!("job has an unknown media type")))?;
     let path = Store::object_path(&row.user_prefix, &row.id, ObjectKind::Document);
@@ -170,14 +173,57 @@ async fn attempt(state: &AppState, row: &JobRow) -> Result<Vec<u8>, ProcessError
             });
         }
     };
-    let document = Document { media_type, bytes };
+    let binding = Binding {
+        user_prefix: &row.user_prefix,
+        job_id: &row.id,
+        kind: ObjectKind::Document.name(),
+    };
+    let wrapped = row.document_key().ok_or_else(|| {
+        ProcessError::Unmanaged(anyhow::anyhow!("the job's document key is missing"))
+    })?;
+    // Fails closed: no plaintext reaches the processor unless every segment authenticated.
+    let plaintext = state
+        .keyring
+        .unwrap_key(&wrapped, &binding)
+        .and_then(|key| crypto::open(&key, &binding, &bytes))
+        .map_err(|e| ProcessError::Unmanaged(e.into()))?;
+    drop(bytes);
+    let document = Document {
+        media_type,
+        bytes: Bytes::from(plaintext.to_vec()),
+    };
+    drop(plaintext);
     let processed = AssertUnwindSafe(state.processor.process(document))
         .catch_unwind()
         .await
         .map_err(|_| ProcessError::Unmanaged(anyhow::anyhow!("the processor panicked")))??;
-    serde_json::to_vec(&processed)
-        .context("encoding the result")
-        .map_err(ProcessError::Unmanaged)
+    let json = zeroize::Zeroizing::new(
+        serde_json::to_vec(&processed)
+            .context("encoding the result")
+            .map_err(ProcessError::Unmanaged)?,
+    );
+    let binding = Binding {
+        kind: RESULT_KIND,
+        ..binding
+    };
+    let (key, wrapped) = state
+        .keyring
+        .new_data_key(&binding)
+        .map_err(ProcessError::Unmanaged)?;
+    let sealed = crypto::seal(&key, &binding, &json).map_err(ProcessError::Unmanaged)?;
+    Ok(SealedResult {
+        sealed,
+        key: wrapped,
+    })
+}
+
+/// What `Binding::kind` says for a result.
+pub const RESULT_KIND: &str = "result";
+
+/// An encrypted result and its wrapped data key.
+pub struct SealedResult {
+    sealed: Vec<u8>,
+    key: WrappedKey,
 }
 
 /// Records the outcome of an attempt with a compare-and-set on the lease.
@@ -185,11 +231,14 @@ async fn finish(
     state: &AppState,
     row: &JobRow,
     lease_token: &str,
-    outcome: Result<Vec<u8>, ProcessError>,
+    outcome: Result<SealedResult, ProcessError>,
 ) -> anyhow::Result<()> {
     let terminal = match outcome {
         Ok(result) => {
-            let won = state.db.complete(&row.id, lease_token, &result).await?;
+            let won = state
+                .db
+                .complete(&row.id, lease_token, &result.sealed, &result.key)
+                .await?;
             if won {
                 metrics::counter!("medrelay_jobs_finished_total", "outcome" => "succeeded")
                     .increment(1);

@@ -40,6 +40,13 @@ impl Server {
             .env_remove("MEDRELAY_STORAGE_URL")
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
+        if let Some(log) = envs
+            .iter()
+            .find(|(k, _)| *k == "TEST_STDERR_FILE")
+            .map(|(_, v)| *v)
+        {
+            cmd.stderr(std::fs::File::create(log).unwrap());
+        }
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -489,4 +496,93 @@ async fn purge_user_deletes_every_byte_of_one_user() {
         .unwrap();
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
     assert!(server.terminate().success());
+}
+
+#[tokio::test]
+async fn debug_logs_carry_no_patient_content() {
+    let log_dir = tempfile::tempdir().unwrap();
+    let log = log_dir.path().join("stderr.log");
+    let log_str = log.to_str().unwrap().to_owned();
+    let mut server = Server::start(&[("RUST_LOG", "debug"), ("TEST_STDERR_FILE", &log_str)]);
+    let token = server.token("canary-user-4471@example.org");
+    let http = reqwest::Client::new();
+    let text_marker = "CANARYTEXT9902";
+    let file_marker = "canary-file-name-5521.pdf";
+    let pdf = common::text_pdf(&["Discharge summary", text_marker, "Seen on 2026-10-02"]);
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(pdf)
+            .file_name(file_marker)
+            .mime_str("application/pdf")
+            .unwrap(),
+    );
+    let job: Value = http
+        .post(format!("{}/v1/documents", server.addr))
+        .bearer_auth(&token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let done = wait_terminal(&http, &server.addr, &token, id).await;
+    assert!(
+        done["result"]["text"]
+            .as_str()
+            .unwrap()
+            .contains(text_marker),
+        "the app gets the text"
+    );
+    // Follow the events and list the jobs too: every route that carries the result.
+    let events = http
+        .get(format!("{}/v1/jobs/{id}/events", server.addr))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(events.contains(text_marker));
+    http.get(format!("{}/v1/jobs", server.addr))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    // A refused upload with a canary name.
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(b"\x7fELF-canary".to_vec()).file_name(file_marker),
+    );
+    http.post(format!("{}/v1/documents", server.addr))
+        .bearer_auth(&token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    http.delete(format!("{}/v1/jobs/{id}", server.addr))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert!(server.terminate().success());
+
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("DEBUG") || logged.contains("debug"),
+        "debug logging was on"
+    );
+    assert!(logged.contains(id), "logs carry ids");
+    for canary in [
+        text_marker,
+        file_marker,
+        "canary-user-4471",
+        "Discharge summary",
+        "%PDF-",
+        token.as_str(),
+    ] {
+        assert!(!logged.contains(canary), "the log contains {canary:?}");
+    }
 }

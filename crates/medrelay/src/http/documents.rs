@@ -19,6 +19,7 @@ use futures::{Stream, StreamExt};
 
 use crate::app::AppState;
 use crate::auth::User;
+use crate::crypto::{Binding, SealingStream, WrappedKey};
 use crate::db::{self, Inserted, NewJob};
 use crate::error::{ApiError, Problem};
 use crate::model::Job;
@@ -105,6 +106,7 @@ pub async fn create_document(
         size_bytes: stored.size as i64,
         max_attempts: state.settings.max_attempts(),
         idempotency_key,
+        document_key: stored.key,
         now,
         expires_at: now + db::millis(state.settings.temp_ttl),
     };
@@ -184,6 +186,11 @@ async fn receive(
     let job_id = uuid::Uuid::now_v7().to_string();
     let user_prefix = state.user_prefix(&user.id);
     let path = Store::object_path(&user_prefix, &job_id, ObjectKind::Document);
+    let binding = Binding {
+        user_prefix: &user_prefix,
+        job_id: &job_id,
+        kind: ObjectKind::Document.name(),
+    };
 
     let stored = if multipart {
         let content_type = headers
@@ -200,7 +207,7 @@ async fn receive(
                 .map_err(|_| ApiError::BadRequest("the multipart form is malformed"))?;
             match field {
                 Some(field) if field.name() == Some("file") => {
-                    break ingest(state, &path, field, limit).await?;
+                    break ingest(state, &path, &binding, field, limit).await?;
                 }
                 // Other parts (a caption, a client version) are not needed: skip them unread.
                 Some(_) => continue,
@@ -208,7 +215,7 @@ async fn receive(
             }
         }
     } else {
-        ingest(state, &path, body, limit).await?
+        ingest(state, &path, &binding, body, limit).await?
     };
     Ok(Received::Stored {
         stored,
@@ -288,6 +295,8 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 struct Stored {
     media_type: &'static str,
     size: u64,
+    /// The document's data key, wrapped, for the job row.
+    key: WrappedKey,
 }
 
 async fn discard(state: &AppState, path: &object_store::path::Path) {
@@ -301,6 +310,7 @@ async fn discard(state: &AppState, path: &object_store::path::Path) {
 async fn ingest<S, E>(
     state: &AppState,
     path: &object_store::path::Path,
+    binding: &Binding<'_>,
     body: S,
     limit: u64,
 ) -> Result<Stored, ApiError>
@@ -335,21 +345,33 @@ where
         Sniffed::Unsupported => return Err(ApiError::UnsupportedMediaType),
     };
 
+    // Encrypted before a byte leaves the process: a fresh data key per document.
+    let (key, wrapped) = state
+        .keyring
+        .new_data_key(binding)
+        .map_err(ApiError::internal)?;
+    let mut sealer = SealingStream::new(&key, binding).map_err(ApiError::internal)?;
+    drop(key);
     let mut writer = state.store.writer(path);
     let mut size = head.len() as u64;
     let outcome: Result<(), ApiError> = async {
-        writer
-            .write(head.freeze())
-            .await
-            .map_err(ApiError::unavailable)?;
+        for part in sealer.push(&head).map_err(ApiError::internal)? {
+            writer.write(part).await.map_err(ApiError::unavailable)?;
+        }
+        drop(head);
         if !ended {
             while let Some(chunk) = next_chunk(&mut body).await? {
                 size += chunk.len() as u64;
                 if size > limit {
                     return Err(ApiError::TooLarge { limit });
                 }
-                writer.write(chunk).await.map_err(ApiError::unavailable)?;
+                for part in sealer.push(&chunk).map_err(ApiError::internal)? {
+                    writer.write(part).await.map_err(ApiError::unavailable)?;
+                }
             }
+        }
+        for part in sealer.finish().map_err(ApiError::internal)? {
+            writer.write(part).await.map_err(ApiError::unavailable)?;
         }
         Ok(())
     }
@@ -360,6 +382,7 @@ where
             Ok(Stored {
                 media_type: media_type.as_str(),
                 size,
+                key: wrapped,
             })
         }
         Err(e) => {

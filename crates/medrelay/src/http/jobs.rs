@@ -13,9 +13,11 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::app::AppState;
 use crate::auth::User;
+use crate::crypto::{self, Binding};
 use crate::db::JobRow;
 use crate::error::{ApiError, Problem};
 use crate::model::{DocumentResult, Job, JobList, JobStatus};
+use crate::worker::RESULT_KIND;
 
 /// The most jobs `GET /v1/jobs` returns (jobs live an hour at most).
 const LIST_LIMIT: i64 = 200;
@@ -23,13 +25,23 @@ const LIST_LIMIT: i64 = 200;
 /// made by another instance).
 const EVENTS_RECHECK: Duration = Duration::from_secs(2);
 
-/// The Job of api.md with its result decoded.
-pub(crate) fn job_of(row: &JobRow) -> Result<Job, ApiError> {
+/// The Job of api.md with its result decrypted (for its owner only).
+pub(crate) fn job_of(state: &AppState, row: &JobRow) -> Result<Job, ApiError> {
     let mut job = row.to_job();
     if job.status == JobStatus::Succeeded
-        && let Some(bytes) = &row.result
+        && let (Some(sealed), Some(wrapped)) = (&row.result, row.result_key())
     {
-        let result: DocumentResult = serde_json::from_slice(bytes).map_err(|e| {
+        let binding = Binding {
+            user_prefix: &row.user_prefix,
+            job_id: &row.id,
+            kind: RESULT_KIND,
+        };
+        let json = state
+            .keyring
+            .unwrap_key(&wrapped, &binding)
+            .and_then(|key| crypto::open(&key, &binding, sealed))
+            .map_err(ApiError::internal)?;
+        let result: DocumentResult = serde_json::from_slice(&json).map_err(|e| {
             ApiError::internal(anyhow::anyhow!("a stored result is unreadable: {e}"))
         })?;
         job.result = Some(result);
@@ -87,7 +99,7 @@ pub async fn get_job(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let row = live_job(&state, &user, &id).await?;
-    let job = job_of(&row)?;
+    let job = job_of(&state, &row)?;
     let retry_after = poll_after(&job);
     let mut response = axum::Json(job).into_response();
     if let Some(secs) = retry_after {
@@ -118,7 +130,10 @@ pub async fn list_jobs(State(state): State<AppState>, user: User) -> Result<Resp
         .list_jobs(&user.id, LIST_LIMIT)
         .await
         .map_err(ApiError::unavailable)?;
-    let jobs = rows.iter().map(job_of).collect::<Result<Vec<_>, _>>()?;
+    let jobs = rows
+        .iter()
+        .map(|row| job_of(&state, row))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut response = axum::Json(JobList { jobs }).into_response();
     response
         .headers_mut()
@@ -233,7 +248,7 @@ pub async fn job_events(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let row = live_job(&state, &user, &id).await?;
-    let first = job_of(&row)?;
+    let first = job_of(&state, &row)?;
     let stream = job_stream(state, user, first);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
@@ -270,7 +285,9 @@ fn job_stream(
                 // Deleted or expired: nothing more will happen to it.
                 Err(_) => return,
             };
-            let Ok(job) = job_of(&row) else { return };
+            let Ok(job) = job_of(&state, &row) else {
+                return;
+            };
             if (job.status, job.updated_at) == last {
                 continue;
             }

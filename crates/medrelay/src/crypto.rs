@@ -1,0 +1,573 @@
+//! Envelope encryption of every temporary byte.
+//!
+//! - Key-encryption keys (KEKs) come from `MEDRELAY_MASTER_KEY` or `MEDRELAY_MASTER_KEY_FILE`,
+//!   each with a key id; the last one listed encrypts, all of them decrypt (rotation).
+//! - Every stored object (a document, a result) gets its own random 256-bit data key (DEK).
+//!   The DEK is kept only wrapped by a KEK (AES-256-GCM, aws-lc-rs), in the job's database row,
+//!   never next to the ciphertext.
+//! - Objects are encrypted with the STREAM construction (`aead-stream`, STREAM-BE32 over
+//!   AES-256-GCM): 64 KiB segments, a nonce of a random 7-byte prefix, a 32-bit segment counter
+//!   and a last-segment flag. Every segment's associated data binds it to its user prefix, job,
+//!   object kind and key id, so a ciphertext moved to another job fails to open.
+//!
+//! This module owns key material and plaintext-to-ciphertext conversion; it never logs either,
+//! and `Debug` of every key type prints nothing. Opening fails closed: no plaintext is returned
+//! unless every segment, including the last, authenticated.
+//!
+//! Object layout (byte offsets):
+//!
+//! ```text
+//! 0..4    magic "MRE1"
+//! 4..11   nonce prefix (7 random bytes)
+//! 11..    segments: each 65536 plaintext bytes + 16-byte tag; the last one 0..=65536 bytes + tag
+//! ```
+
+use std::fmt;
+use std::path::Path;
+
+use aead_stream::{DecryptorBE32, EncryptorBE32};
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{KeyInit, Payload};
+use anyhow::Context;
+use aws_lc_rs::aead::{AES_256_GCM, Aad, Nonce, RandomizedNonceKey};
+use aws_lc_rs::digest;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::{Bytes, BytesMut};
+use zeroize::Zeroizing;
+
+use crate::keys::{self, KeyBytes};
+
+/// Plaintext bytes per segment.
+pub const SEGMENT: usize = 64 * 1024;
+const TAG: usize = 16;
+const MAGIC: &[u8; 4] = b"MRE1";
+const PREFIX: usize = 7;
+const HEADER: usize = MAGIC.len() + PREFIX;
+/// A wrapped data key: a 12-byte nonce, the 32-byte key encrypted, a 16-byte tag.
+const WRAPPED_LEN: usize = 12 + 32 + TAG;
+
+/// A ciphertext failed to authenticate, was truncated or reordered, or its key could not be
+/// unwrapped. Never a processing error: the data may have been tampered with.
+#[derive(Debug, thiserror::Error)]
+#[error("integrity failure: {0}")]
+pub struct IntegrityError(&'static str);
+
+/// What a ciphertext is bound to.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding<'a> {
+    pub user_prefix: &'a str,
+    pub job_id: &'a str,
+    /// `document` or `result`.
+    pub kind: &'a str,
+}
+
+impl Binding<'_> {
+    fn bytes(&self, kid: &str) -> Vec<u8> {
+        format!(
+            "medrelay/v1\0{}\0{}\0{}\0{}",
+            self.user_prefix, self.job_id, self.kind, kid
+        )
+        .into_bytes()
+    }
+}
+
+/// A data key in memory; wiped on drop; prints nothing.
+pub struct DataKey {
+    key: Zeroizing<[u8; 32]>,
+    kid: String,
+}
+
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DataKey([redacted])")
+    }
+}
+
+/// A data key wrapped by a KEK, as stored in the job row.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    pub kid: String,
+    pub bytes: Vec<u8>,
+}
+
+impl fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WrappedKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Kek {
+    id: String,
+    key: RandomizedNonceKey,
+}
+
+/// The key-encryption keys. Cheap to share behind an `Arc`.
+pub struct Keyring {
+    keks: Vec<Kek>,
+    /// The key material the user-prefix key is derived from (the first KEK listed).
+    prefix_source: KeyBytes,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ids: Vec<&str> = self.keks.iter().map(|k| k.id.as_str()).collect();
+        f.debug_struct("Keyring")
+            .field("kek_ids", &ids)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Keyring {
+    /// Parses KEKs: entries separated by newlines or commas, each `[kid:]base64` of 32 bytes.
+    /// Without an explicit id, the id is derived from the key (`k` + 8 hex digits of its
+    /// SHA-256), so the same key always has the same id.
+    pub fn parse(text: &str) -> anyhow::Result<Keyring> {
+        let mut keks = Vec::new();
+        let mut first = None;
+        for entry in text
+            .split(['\n', ','])
+            .map(str::trim)
+            .filter(|e| !e.is_empty() && !e.starts_with('#'))
+        {
+            let (kid, b64) = match entry.split_once(':') {
+                Some((kid, b64)) => (Some(kid.trim().to_owned()), b64.trim()),
+                None => (None, entry),
+            };
+            let material = Zeroizing::new(
+                STANDARD
+                    .decode(b64)
+                    .context("a master key must be base64 of 32 bytes")?,
+            );
+            anyhow::ensure!(material.len() == 32, "a master key must be 32 bytes");
+            let kid = kid.unwrap_or_else(|| {
+                let d = digest::digest(&digest::SHA256, &material);
+                format!("k{}", hex(&d.as_ref()[..4]))
+            });
+            anyhow::ensure!(
+                !kid.is_empty() && kid.len() <= 64 && !keks.iter().any(|k: &Kek| k.id == kid),
+                "master key ids must be unique, 1 to 64 characters"
+            );
+            let key = RandomizedNonceKey::new(&AES_256_GCM, &material)
+                .map_err(|_| anyhow::anyhow!("loading a master key failed"))?;
+            if first.is_none() {
+                first = Some(KeyBytes::new(material.to_vec()));
+            }
+            keks.push(Kek { id: kid, key });
+        }
+        let prefix_source = first.context("no master key configured")?;
+        Ok(Keyring {
+            keks,
+            prefix_source,
+        })
+    }
+
+    /// The configured keys (`MEDRELAY_MASTER_KEY`), else the key file, generated with mode 0600
+    /// when it does not exist (development only).
+    pub fn load(inline: Option<&str>, file: &Path) -> anyhow::Result<Keyring> {
+        if let Some(text) = inline {
+            return Self::parse(text).context("reading MEDRELAY_MASTER_KEY");
+        }
+        if !file.exists() {
+            keys::load_or_create(file, 32, "master key")?;
+        }
+        let text = Zeroizing::new(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("reading the master key file {}", file.display()))?,
+        );
+        Self::parse(&text)
+            .with_context(|| format!("reading the master key file {}", file.display()))
+    }
+
+    /// The id of the KEK that wraps new data keys.
+    pub fn current_id(&self) -> &str {
+        &self.keks.last().expect("a keyring has a key").id
+    }
+
+    pub fn prefix_source(&self) -> &KeyBytes {
+        &self.prefix_source
+    }
+
+    /// A fresh random data key, and its wrapped form for the job row.
+    pub fn new_data_key(&self, binding: &Binding<'_>) -> anyhow::Result<(DataKey, WrappedKey)> {
+        let kek = self.keks.last().expect("a keyring has a key");
+        let mut key = Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(&keys::random_bytes(32)?);
+        let mut sealed = key.to_vec();
+        let nonce = kek
+            .key
+            .seal_in_place_append_tag(Aad::from(binding.bytes(&kek.id)), &mut sealed)
+            .map_err(|_| anyhow::anyhow!("wrapping a data key failed"))?;
+        let mut bytes = nonce.as_ref().to_vec();
+        bytes.extend_from_slice(&sealed);
+        Ok((
+            DataKey {
+                key,
+                kid: kek.id.clone(),
+            },
+            WrappedKey {
+                kid: kek.id.clone(),
+                bytes,
+            },
+        ))
+    }
+
+    /// Unwraps a data key; a wrong KEK, a key moved to another binding or tampering fail.
+    pub fn unwrap_key(
+        &self,
+        wrapped: &WrappedKey,
+        binding: &Binding<'_>,
+    ) -> Result<DataKey, IntegrityError> {
+        let kek = self
+            .keks
+            .iter()
+            .find(|k| k.id == wrapped.kid)
+            .ok_or(IntegrityError(
+                "the data key's master key is not configured",
+            ))?;
+        if wrapped.bytes.len() != WRAPPED_LEN {
+            return Err(IntegrityError("a wrapped data key has the wrong length"));
+        }
+        let (nonce, sealed) = wrapped.bytes.split_at(12);
+        let nonce = Nonce::try_assume_unique_for_key(nonce)
+            .map_err(|_| IntegrityError("a wrapped data key has a bad nonce"))?;
+        let mut buffer = Zeroizing::new(sealed.to_vec());
+        let plain = kek
+            .key
+            .open_in_place(nonce, Aad::from(binding.bytes(&kek.id)), &mut buffer)
+            .map_err(|_| IntegrityError("a data key did not authenticate"))?;
+        let mut key = Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(plain);
+        Ok(DataKey {
+            key,
+            kid: kek.id.clone(),
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn cipher(key: &DataKey) -> Aes256Gcm {
+    Aes256Gcm::new_from_slice(key.key.as_ref()).expect("a 32-byte key")
+}
+
+/// Encrypts a stream segment by segment. Feed plaintext with [`SealingStream::push`], then call
+/// [`SealingStream::finish`]; each returns ciphertext ready to store. Holds at most one
+/// segment of plaintext.
+pub struct SealingStream {
+    encryptor: EncryptorBE32<Aes256Gcm>,
+    aad: Vec<u8>,
+    header: Option<Bytes>,
+    pending: BytesMut,
+}
+
+impl fmt::Debug for SealingStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SealingStream")
+    }
+}
+
+impl SealingStream {
+    pub fn new(key: &DataKey, binding: &Binding<'_>) -> anyhow::Result<SealingStream> {
+        let prefix = keys::random_bytes(PREFIX)?;
+        let mut header = Vec::with_capacity(HEADER);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&prefix);
+        let nonce = aead_stream::Nonce::<Aes256Gcm, aead_stream::StreamBE32<Aes256Gcm>>::try_from(
+            prefix.as_slice(),
+        )
+        .expect("a 7-byte nonce prefix");
+        let mut aad = header.clone();
+        aad.extend_from_slice(&binding.bytes(&key.kid));
+        Ok(SealingStream {
+            encryptor: EncryptorBE32::from_aead(cipher(key), &nonce),
+            aad,
+            header: Some(Bytes::from(header)),
+            pending: BytesMut::new(),
+        })
+    }
+
+    /// Takes plaintext; returns the ciphertext of every segment completed so far.
+    pub fn push(&mut self, mut plaintext: &[u8]) -> anyhow::Result<Vec<Bytes>> {
+        let mut out = Vec::new();
+        if let Some(header) = self.header.take() {
+            out.push(header);
+        }
+        while !plaintext.is_empty() {
+            let room = SEGMENT - self.pending.len();
+            let take = room.min(plaintext.len());
+            self.pending.extend_from_slice(&plaintext[..take]);
+            plaintext = &plaintext[take..];
+            // A full segment is sealed only once more data follows, so the last segment is
+            // always sealed by `finish` with the last-segment flag.
+            if self.pending.len() == SEGMENT && !plaintext.is_empty() {
+                out.push(self.seal_pending()?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn seal_pending(&mut self) -> anyhow::Result<Bytes> {
+        let segment = Zeroizing::new(self.pending.split().to_vec());
+        let sealed = self
+            .encryptor
+            .encrypt_next(Payload {
+                msg: &segment,
+                aad: &self.aad,
+            })
+            .map_err(|_| anyhow::anyhow!("sealing a segment failed"))?;
+        Ok(Bytes::from(sealed))
+    }
+
+    /// Seals what is left as the last segment; returns the final ciphertext.
+    pub fn finish(mut self) -> anyhow::Result<Vec<Bytes>> {
+        let mut out = Vec::new();
+        if let Some(header) = self.header.take() {
+            out.push(header);
+        }
+        let segment = Zeroizing::new(self.pending.split().to_vec());
+        let sealed = self
+            .encryptor
+            .encrypt_last(Payload {
+                msg: &segment,
+                aad: &self.aad,
+            })
+            .map_err(|_| anyhow::anyhow!("sealing the last segment failed"))?;
+        out.push(Bytes::from(sealed));
+        Ok(out)
+    }
+}
+
+/// Encrypts a whole (small) plaintext, such as a result.
+pub fn seal(key: &DataKey, binding: &Binding<'_>, plaintext: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut stream = SealingStream::new(key, binding)?;
+    let mut out =
+        Vec::with_capacity(plaintext.len() + HEADER + TAG * (plaintext.len() / SEGMENT + 1));
+    for part in stream.push(plaintext)? {
+        out.extend_from_slice(&part);
+    }
+    for part in stream.finish()? {
+        out.extend_from_slice(&part);
+    }
+    Ok(out)
+}
+
+/// Decrypts a whole ciphertext. Returns plaintext only if every segment authenticated, in
+/// order, and the last one carries the last-segment flag.
+pub fn open(
+    key: &DataKey,
+    binding: &Binding<'_>,
+    ciphertext: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, IntegrityError> {
+    if ciphertext.len() < HEADER + TAG || &ciphertext[..MAGIC.len()] != MAGIC {
+        return Err(IntegrityError("not a medrelay ciphertext"));
+    }
+    let (header, mut body) = ciphertext.split_at(HEADER);
+    let nonce = aead_stream::Nonce::<Aes256Gcm, aead_stream::StreamBE32<Aes256Gcm>>::try_from(
+        &header[MAGIC.len()..],
+    )
+    .map_err(|_| IntegrityError("bad nonce prefix"))?;
+    let mut aad = header.to_vec();
+    aad.extend_from_slice(&binding.bytes(&key.kid));
+    let mut decryptor = DecryptorBE32::from_aead(cipher(key), &nonce);
+    let mut plaintext = Zeroizing::new(Vec::with_capacity(body.len()));
+    while body.len() > SEGMENT + TAG {
+        let (segment, rest) = body.split_at(SEGMENT + TAG);
+        let plain = Zeroizing::new(
+            decryptor
+                .decrypt_next(Payload {
+                    msg: segment,
+                    aad: &aad,
+                })
+                .map_err(|_| IntegrityError("a segment did not authenticate"))?,
+        );
+        plaintext.extend_from_slice(&plain);
+        body = rest;
+    }
+    let plain = Zeroizing::new(
+        decryptor
+            .decrypt_last(Payload {
+                msg: body,
+                aad: &aad,
+            })
+            .map_err(|_| IntegrityError("the last segment did not authenticate (truncated?)"))?,
+    );
+    plaintext.extend_from_slice(&plain);
+    Ok(plaintext)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keyring(n: u8) -> Keyring {
+        Keyring::parse(&STANDARD.encode([n; 32])).unwrap()
+    }
+
+    const BIND: Binding<'static> = Binding {
+        user_prefix: "u1",
+        job_id: "job-1",
+        kind: "document",
+    };
+
+    fn sealed_with_stream(key: &DataKey, data: &[u8], chunk: usize) -> Vec<u8> {
+        let mut stream = SealingStream::new(key, &BIND).unwrap();
+        let mut out = Vec::new();
+        for piece in data.chunks(chunk.max(1)) {
+            for part in stream.push(piece).unwrap() {
+                out.extend_from_slice(&part);
+            }
+        }
+        for part in stream.finish().unwrap() {
+            out.extend_from_slice(&part);
+        }
+        out
+    }
+
+    #[test]
+    fn round_trips_at_every_segment_boundary() {
+        let ring = keyring(1);
+        let sizes = [
+            0,
+            1,
+            SEGMENT - 1,
+            SEGMENT,
+            SEGMENT + 1,
+            2 * SEGMENT,
+            3 * 1024 * 1024 + 17,
+        ];
+        for size in sizes {
+            let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            for chunk in [1000, SEGMENT, 3 * SEGMENT + 5] {
+                let (key, _) = ring.new_data_key(&BIND).unwrap();
+                let sealed = sealed_with_stream(&key, &data, chunk);
+                let segments = size.div_ceil(SEGMENT).max(1);
+                assert_eq!(sealed.len(), HEADER + size + segments * TAG, "size {size}");
+                let opened = open(&key, &BIND, &sealed).unwrap();
+                assert_eq!(
+                    opened.as_slice(),
+                    data.as_slice(),
+                    "size {size} chunk {chunk}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn tampering_fails_closed() {
+        let ring = keyring(2);
+        let (key, wrapped) = ring.new_data_key(&BIND).unwrap();
+        let data: Vec<u8> = (0..3 * SEGMENT + 100).map(|i| i as u8).collect();
+        let sealed = seal(&key, &BIND, &data).unwrap();
+        let seg = SEGMENT + TAG;
+
+        let mut flipped = sealed.clone();
+        flipped[HEADER + 5] ^= 1;
+        assert!(open(&key, &BIND, &flipped).is_err(), "flipped bit");
+
+        let truncated = &sealed[..sealed.len() - 1];
+        assert!(open(&key, &BIND, truncated).is_err(), "truncated tail");
+
+        let dropped_last = &sealed[..HEADER + 3 * seg];
+        assert!(
+            open(&key, &BIND, dropped_last).is_err(),
+            "dropped last segment"
+        );
+
+        let mut swapped = sealed[..HEADER].to_vec();
+        swapped.extend_from_slice(&sealed[HEADER + seg..HEADER + 2 * seg]);
+        swapped.extend_from_slice(&sealed[HEADER..HEADER + seg]);
+        swapped.extend_from_slice(&sealed[HEADER + 2 * seg..]);
+        assert!(open(&key, &BIND, &swapped).is_err(), "swapped segments");
+
+        let mut extra = sealed.clone();
+        extra.extend_from_slice(&sealed[HEADER..HEADER + seg]);
+        assert!(open(&key, &BIND, &extra).is_err(), "extra segment");
+
+        let other_job = Binding {
+            job_id: "job-2",
+            ..BIND
+        };
+        assert!(
+            open(&key, &other_job, &sealed).is_err(),
+            "moved to another job"
+        );
+        assert!(
+            ring.unwrap_key(&wrapped, &other_job).is_err(),
+            "key moved to another job"
+        );
+        let as_result = Binding {
+            kind: "result",
+            ..BIND
+        };
+        assert!(
+            ring.unwrap_key(&wrapped, &as_result).is_err(),
+            "document key used for a result"
+        );
+
+        let wrong_kek = keyring(3);
+        assert!(wrong_kek.unwrap_key(&wrapped, &BIND).is_err(), "wrong KEK");
+        let same_id_other_key =
+            Keyring::parse(&format!("{}:{}", wrapped.kid, STANDARD.encode([9u8; 32]))).unwrap();
+        assert!(
+            same_id_other_key.unwrap_key(&wrapped, &BIND).is_err(),
+            "wrong KEK with the same id"
+        );
+
+        // And untouched, it opens.
+        let key = ring.unwrap_key(&wrapped, &BIND).unwrap();
+        assert_eq!(
+            open(&key, &BIND, &sealed).unwrap().as_slice(),
+            data.as_slice()
+        );
+    }
+
+    #[test]
+    fn no_key_and_nonce_pair_repeats_across_ten_thousand_objects() {
+        let ring = keyring(4);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let (key, wrapped) = ring.new_data_key(&BIND).unwrap();
+            let sealed = seal(&key, &BIND, b"x").unwrap();
+            // (data key, nonce prefix): each object has its own key and prefix.
+            assert!(seen.insert((key.key.to_vec(), sealed[4..HEADER].to_vec())));
+            // The wrapping nonces under the one KEK never repeat either.
+            assert!(seen.insert((b"kek".to_vec(), wrapped.bytes[..12].to_vec())));
+        }
+    }
+
+    #[test]
+    fn the_newest_key_encrypts_and_all_keys_decrypt() {
+        let old = STANDARD.encode([5u8; 32]);
+        let new = STANDARD.encode([6u8; 32]);
+        let before = Keyring::parse(&old).unwrap();
+        let (_, wrapped_old) = before.new_data_key(&BIND).unwrap();
+        let rotated = Keyring::parse(&format!("{old}\n{new}\n")).unwrap();
+        let (_, wrapped_new) = rotated.new_data_key(&BIND).unwrap();
+        assert_ne!(wrapped_old.kid, wrapped_new.kid);
+        assert_eq!(rotated.current_id(), wrapped_new.kid);
+        assert!(rotated.unwrap_key(&wrapped_old, &BIND).is_ok());
+        assert!(rotated.unwrap_key(&wrapped_new, &BIND).is_ok());
+        assert!(before.unwrap_key(&wrapped_new, &BIND).is_err());
+        // Explicit ids are accepted; duplicates and short keys are not.
+        assert!(Keyring::parse(&format!("a:{old},b:{new}")).is_ok());
+        assert!(Keyring::parse(&format!("a:{old},a:{new}")).is_err());
+        assert!(Keyring::parse(&STANDARD.encode([1u8; 16])).is_err());
+        assert!(format!("{rotated:?}").contains(&wrapped_new.kid));
+    }
+
+    #[test]
+    fn the_same_plaintext_never_gives_the_same_ciphertext() {
+        let ring = keyring(7);
+        let (k1, _) = ring.new_data_key(&BIND).unwrap();
+        let (k2, _) = ring.new_data_key(&BIND).unwrap();
+        let a = seal(&k1, &BIND, b"%PDF-1.7 same bytes").unwrap();
+        let b = seal(&k2, &BIND, b"%PDF-1.7 same bytes").unwrap();
+        assert_ne!(a, b);
+        assert!(!a.windows(5).any(|w| w == b"%PDF-"));
+    }
+}
