@@ -57,17 +57,14 @@ impl AppState {
             .context("opening the job database")?;
         let store = Store::open(&settings.storage_url()).context("opening the object store")?;
         let auth = Authenticator::new(&settings).context("loading token keys")?;
-        let keyring = Keyring::load(
-            settings.master_key.as_ref().map(|k| k.expose()),
-            &settings.master_key_file(),
-        )
-        .context("loading the master keys")?;
+        let keyring = load_keyring(&settings).context("loading the master keys")?;
         let prefix_key = keys::derive_prefix_key(keyring.prefix_source())?;
         let processor: Arc<dyn Processor> = match settings.processor {
             ProcessorKind::Local => Arc::new(LocalProcessor),
-            ProcessorKind::Anthropic => {
-                anyhow::bail!("MEDRELAY_PROCESSOR=anthropic is not available in this build yet")
-            }
+            ProcessorKind::Anthropic => Arc::new(
+                crate::processor::anthropic::AnthropicProcessor::new(&settings)
+                    .context("configuring the anthropic processor")?,
+            ),
         };
         let (events, _) = broadcast::channel(1024);
         Ok(AppState {
@@ -94,6 +91,23 @@ impl AppState {
         // No subscriber is fine: nobody is watching.
         let _ = self.events.send(job_id.to_owned());
     }
+}
+
+/// The configured master keys (`MEDRELAY_MASTER_KEY`), else the key file, generated with mode
+/// 0600 when it does not exist (development only).
+pub fn load_keyring(settings: &Settings) -> anyhow::Result<Keyring> {
+    if let Some(inline) = &settings.master_key {
+        return Keyring::parse(inline.expose()).context("reading MEDRELAY_MASTER_KEY");
+    }
+    let file = settings.master_key_file();
+    if !file.exists() {
+        keys::load_or_create(&file, 32, "master key")?;
+    }
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(&file)
+            .with_context(|| format!("reading the master key file {}", file.display()))?,
+    );
+    Keyring::parse(&text).with_context(|| format!("reading the master key file {}", file.display()))
 }
 
 /// Jobs being processed by this instance, so that a delete can stop them.
@@ -145,6 +159,44 @@ impl RunningJobs {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, CancellationToken)>> {
         // A poisoned map still holds valid tokens; keep going.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// On PostgreSQL, forwards `NOTIFY medrelay_jobs` (sent by a trigger on every job change, by
+/// any instance) to this instance's event streams. SQLite serves one instance: nothing to do.
+async fn relay_notifications(state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let Db::Postgres(pool) = &state.db else {
+        return Ok(());
+    };
+    loop {
+        let listener = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+            listener.listen("medrelay_jobs").await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            l = listener => l,
+        };
+        match &mut listener {
+            Ok(listener) => loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    got = listener.recv() => match got {
+                        Ok(note) => state.publish(note.payload()),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "job notifications interrupted; reconnecting");
+                            break;
+                        }
+                    },
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "listening for job notifications failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
     }
 }
 
@@ -213,6 +265,9 @@ pub async fn start_with(state: AppState, listener: TcpListener) -> anyhow::Resul
             .await
             .context("serving HTTP")
         });
+    }
+    if roles.api && matches!(state.db, Db::Postgres(_)) {
+        tasks.spawn(relay_notifications(state.clone(), shutdown.clone()));
     }
     if roles.worker {
         tasks.spawn(crate::worker::run(state.clone(), shutdown.clone()));

@@ -208,6 +208,12 @@ pub struct Settings {
     pub anthropic_base_url: String,
     #[serde(deserialize_with = "loose_string")]
     pub anthropic_model: String,
+    /// Upper bound of one Claude call, from connect to the last byte of the answer.
+    #[serde(with = "duration")]
+    pub anthropic_timeout: Duration,
+    #[serde(with = "duration")]
+    pub anthropic_connect_timeout: Duration,
+    pub anthropic_max_tokens: u32,
     #[serde(with = "duration")]
     pub temp_ttl: Duration,
     pub retry_delays: RetryDelays,
@@ -287,6 +293,9 @@ pub const KNOWN_KEYS: &[&str] = &[
     "anthropic_api_key",
     "anthropic_base_url",
     "anthropic_model",
+    "anthropic_timeout",
+    "anthropic_connect_timeout",
+    "anthropic_max_tokens",
     "temp_ttl",
     "retry_delays",
     "sweep_interval",

@@ -521,6 +521,26 @@ impl Db {
         Ok(done)
     }
 
+    /// Fails jobs whose lease ran out on their last allowed attempt (a crash or a hang on the
+    /// final try): they will not be claimed again. Returns them, so their documents can go.
+    pub async fn fail_exhausted(&self, error: &JobError) -> anyhow::Result<Vec<JobRow>> {
+        let sql = "UPDATE jobs SET status = 'failed', error_code = $1, error_message = $2, \
+                   error_retryable = $3, lease_token = NULL, lease_until = NULL, \
+                   document_kek = NULL, document_dek = NULL, next_attempt_at = NULL, \
+                   updated_at = $4 \
+                   WHERE deleted_at IS NULL AND status = 'processing' AND lease_until < $4 \
+                   AND attempts >= max_attempts \
+                   RETURNING *";
+        let rows = on_pool!(self, |p| sqlx::query_as::<_, JobRow>(sql)
+            .bind(&error.code)
+            .bind(&error.message)
+            .bind(error.retryable)
+            .bind(now_millis())
+            .fetch_all(p)
+            .await)?;
+        Ok(rows)
+    }
+
     /// Live jobs whose lifetime has ended, oldest first.
     pub async fn expired_jobs(&self, now: i64, limit: i64) -> anyhow::Result<Vec<JobRow>> {
         let sql = "SELECT * FROM jobs WHERE deleted_at IS NULL AND expires_at <= $1 \

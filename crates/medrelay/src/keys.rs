@@ -4,43 +4,17 @@
 //!
 //! Never logs or prints key material; `Debug` of [`KeyBytes`] prints nothing.
 
-use std::fmt;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::Context;
-use aws_lc_rs::{hkdf, hmac, rand::SecureRandom};
+use aws_lc_rs::{hkdf, hmac};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use zeroize::Zeroizing;
 
-/// Secret bytes that cannot be printed and are wiped when dropped.
-#[derive(Clone)]
-pub struct KeyBytes(Zeroizing<Vec<u8>>);
-
-impl KeyBytes {
-    pub fn new(bytes: Vec<u8>) -> Self {
-        Self(Zeroizing::new(bytes))
-    }
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for KeyBytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("KeyBytes([redacted])")
-    }
-}
-
-pub fn random_bytes(len: usize) -> anyhow::Result<Vec<u8>> {
-    let mut bytes = vec![0u8; len];
-    aws_lc_rs::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
-    Ok(bytes)
-}
+pub use medrelay_crypto::{KeyBytes, random_bytes};
 
 /// Reads a base64 secret from `path`, or creates one of `len` random bytes there with mode
 /// 0600 when the file does not exist yet. `what` names it in the log line.

@@ -8,7 +8,8 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
-pub mod crypto;
+/// Envelope encryption (its own crate, `medrelay-crypto`).
+pub use medrelay_crypto as crypto;
 pub mod db;
 pub mod error;
 pub mod http;

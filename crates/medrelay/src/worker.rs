@@ -35,6 +35,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result
     let poll = state.settings.poll_interval;
     loop {
         while jobs.try_join_next().is_some() {}
+        end_exhausted(&state).await;
         let free = slots.available_permits();
         if free > 0 {
             let token = uuid::Uuid::new_v4().to_string();
@@ -87,6 +88,26 @@ pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result
         while jobs.join_next().await.is_some() {}
     }
     Ok(())
+}
+
+/// Ends jobs whose last allowed attempt lost its lease (the worker crashed or hung), deleting
+/// their documents.
+async fn end_exhausted(state: &AppState) {
+    match state.db.fail_exhausted(&retries_exhausted()).await {
+        Ok(rows) => {
+            for row in rows {
+                tracing::warn!(job_id = %row.id, "last attempt lost its lease: job failed");
+                metrics::counter!("medrelay_jobs_finished_total", "outcome" => "failed", "reason" => "lease-lost")
+                    .increment(1);
+                let path = Store::object_path(&row.user_prefix, &row.id, ObjectKind::Document);
+                if let Err(e) = state.store.delete(&path).await {
+                    tracing::warn!(error = %format!("{e:#}"), "deleting a document failed; the sweeper will retry");
+                }
+                state.publish(&row.id);
+            }
+        }
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "ending exhausted jobs failed"),
+    }
 }
 
 /// Processes one claimed job to its next state.

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::claude_mock::{Mock, Reply, extraction};
 use common::{corpus_file, png};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -19,7 +20,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_medrelay");
 struct Server {
     child: Child,
     addr: String,
-    data_dir: tempfile::TempDir,
+    data_dir: std::path::PathBuf,
+    _owned: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -29,12 +31,19 @@ impl Server {
     }
 
     fn start_in(data_dir: tempfile::TempDir, envs: &[(&str, &str)], args: &[&str]) -> Server {
+        let mut server = Self::start_at(data_dir.path(), envs, args);
+        server._owned = Some(data_dir);
+        server
+    }
+
+    /// Starts on a folder the caller keeps (to restart on the same data after a kill).
+    fn start_at(data_dir: &Path, envs: &[(&str, &str)], args: &[&str]) -> Server {
         let mut cmd = Command::new(BIN);
-        cmd.current_dir(data_dir.path())
+        cmd.current_dir(data_dir)
             .args(args)
             .arg("serve")
             .env("MEDRELAY_LISTEN", "127.0.0.1:0")
-            .env("MEDRELAY_DATA_DIR", data_dir.path().join("data"))
+            .env("MEDRELAY_DATA_DIR", data_dir.join("data"))
             .env("MEDRELAY_POLL_INTERVAL", "100ms")
             .env_remove("MEDRELAY_DATABASE_URL")
             .env_remove("MEDRELAY_STORAGE_URL")
@@ -72,12 +81,13 @@ impl Server {
         Server {
             child,
             addr,
-            data_dir,
+            data_dir: data_dir.to_path_buf(),
+            _owned: None,
         }
     }
 
     fn data(&self) -> std::path::PathBuf {
-        self.data_dir.path().join("data")
+        self.data_dir.join("data")
     }
 
     fn token(&self, user: &str) -> String {
@@ -585,4 +595,136 @@ async fn debug_logs_carry_no_patient_content() {
     ] {
         assert!(!logged.contains(canary), "the log contains {canary:?}");
     }
+}
+
+fn claude_env(base: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("MEDRELAY_PROCESSOR", "anthropic".into()),
+        ("ANTHROPIC_BASE_URL", base.to_owned()),
+        ("ANTHROPIC_API_KEY", "sk-ant-test".into()),
+        ("MEDRELAY_LEASE", "2s".into()),
+        ("MEDRELAY_RETRY_DELAYS", "200ms,200ms,200ms".into()),
+    ]
+}
+
+fn env_refs<'a>(envs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    envs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+async fn upload_and_wait_for_the_call(server: &Server, mock: &Mock, token: &str) -> String {
+    let http = reqwest::Client::new();
+    let job: Value = http
+        .post(format!("{}/v1/documents", server.addr))
+        .bearer_auth(token)
+        .body(corpus_file("001-trivial--minimal-document.pdf"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mock.calls().is_empty() {
+        assert!(Instant::now() < deadline, "the provider was never called");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    job["id"].as_str().unwrap().to_owned()
+}
+
+// The mock provider runs on this runtime: keep a thread free while the test blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_survives_sigkill_mid_processing_without_losing_or_doubling_an_attempt() {
+    let mut slow = Reply::ok(extraction("never delivered"));
+    slow.delay = Duration::from_secs(60);
+    let (mock, base) =
+        Mock::start(vec![slow], Some(Reply::ok(extraction("after the crash")))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let envs = claude_env(&base);
+    let mut server = Server::start_at(dir.path(), &env_refs(&envs), &[]);
+    let token = server.token("crash-user");
+    let id = upload_and_wait_for_the_call(&server, &mock, &token).await;
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+
+    let server = Server::start_at(dir.path(), &env_refs(&envs), &[]);
+    let http = reqwest::Client::new();
+    let done = wait_terminal(&http, &server.addr, &token, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        done["attempts"], 2,
+        "the killed attempt counts once, the rescue once"
+    );
+    assert_eq!(done["result"]["text"], "after the crash");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(mock.calls().len(), 2, "no extra call, no second delivery");
+    let objects = server.data().join("objects");
+    assert!(
+        files_below(&objects).is_empty(),
+        "the document is gone: {:?}",
+        files_below(&objects)
+    );
+}
+
+// The mock provider runs on this runtime: keep a thread free while the test blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_a_job_that_cannot_finish_in_the_grace_period() {
+    let mut slow = Reply::ok(extraction("too late"));
+    slow.delay = Duration::from_secs(60);
+    let (mock, base) = Mock::start(vec![slow], Some(Reply::ok(extraction("taken over")))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut envs = claude_env(&base);
+    envs.push(("MEDRELAY_SHUTDOWN_GRACE", "300ms".into()));
+    envs.push(("MEDRELAY_LEASE", "1m".into()));
+    let mut server = Server::start_at(dir.path(), &env_refs(&envs), &[]);
+    let token = server.token("shutdown-user");
+    let id = upload_and_wait_for_the_call(&server, &mock, &token).await;
+    let stopped = Instant::now();
+    assert!(server.terminate().success());
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+
+    // The lease is one minute, but it was released: the next instance takes the job at once.
+    let server = Server::start_at(dir.path(), &env_refs(&envs), &[]);
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let done = wait_terminal(&http, &server.addr, &token, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "not held until the lease ran out"
+    );
+    assert_eq!(done["attempts"], 2);
+    assert_eq!(done["result"]["text"], "taken over");
+}
+
+// The mock provider runs on this runtime: keep a thread free while the test blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_job_in_flight_finish_within_the_grace_period() {
+    let mut slowish = Reply::ok(extraction("finished during shutdown"));
+    slowish.delay = Duration::from_millis(1500);
+    let (mock, base) = Mock::start(vec![slowish], None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let envs = claude_env(&base);
+    let mut server = Server::start_at(dir.path(), &env_refs(&envs), &[]);
+    let token = server.token("patient-user");
+    let id = upload_and_wait_for_the_call(&server, &mock, &token).await;
+    assert!(server.terminate().success());
+    let mut api_only = envs.clone();
+    api_only.push(("MEDRELAY_ROLES", "api".into()));
+    let server = Server::start_at(dir.path(), &env_refs(&api_only), &[]);
+    let http = reqwest::Client::new();
+    let job: Value = http
+        .get(format!("{}/v1/jobs/{id}", server.addr))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        job["status"], "succeeded",
+        "finished before the old process exited: {job}"
+    );
+    assert_eq!(job["attempts"], 1);
+    assert_eq!(mock.calls().len(), 1);
 }

@@ -837,8 +837,77 @@ mod encryption {
 
     on_every_backend!(
         no_plaintext_reaches_the_disk_the_bucket_or_the_database,
+        nothing_is_in_plaintext_while_a_slow_job_is_processing,
         a_ciphertext_moved_to_another_job_fails_closed,
     );
+
+    /// The local processor, held back until the test lets it go.
+    struct Gated {
+        gate: std::sync::Arc<tokio::sync::Semaphore>,
+    }
+
+    impl medrelay::processor::Processor for Gated {
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+        fn process(
+            &self,
+            document: medrelay::processor::Document,
+        ) -> futures::future::BoxFuture<
+            '_,
+            Result<medrelay::model::DocumentResult, medrelay::processor::ProcessError>,
+        > {
+            Box::pin(async move {
+                let _permit = self.gate.acquire().await.unwrap();
+                medrelay::processor::local::LocalProcessor
+                    .process(document)
+                    .await
+            })
+        }
+    }
+
+    async fn nothing_is_in_plaintext_while_a_slow_job_is_processing(backend: Backend) {
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let processor_gate = gate.clone();
+        let app = TestApp::spawn_custom(
+            backend,
+            |_| {},
+            move |state| {
+                state.processor = std::sync::Arc::new(Gated {
+                    gate: processor_gate,
+                });
+            },
+        )
+        .await;
+        let token = app.token("slow");
+        let job = app
+            .upload_ok(&token, text_pdf(&["Lab Report", MARKER]), "application/pdf")
+            .await;
+        let id = job["id"].as_str().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now: Value = app.get_job(&token, id).await.json().await.unwrap();
+            if now["status"] == "processing" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never processing: {now}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stored = everything_stored(&app).await;
+        assert!(!stored.is_empty());
+        assert_no_plaintext(&stored, &[MARKER.as_bytes(), b"%PDF-", b"Lab Report"]);
+        gate.add_permits(1);
+        let done = app.wait_terminal(&token, id).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        assert_no_plaintext(
+            &everything_stored(&app).await,
+            &[MARKER.as_bytes(), b"%PDF-"],
+        );
+        app.stop().await;
+    }
 
     const MARKER: &str = "CANARY-7731-HEMOGLOBIN";
 
@@ -1028,5 +1097,66 @@ mod key_rotation {
         assert_eq!(done["status"], "failed");
         assert_eq!(done["error"]["code"], "processing-failed");
         app.stop().await;
+    }
+}
+
+mod instances {
+    //! Several instances on one PostgreSQL database and one store.
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_reach_a_client_of_one_instance_when_another_runs_the_job() {
+        let key = "shared:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let secret = "a-shared-token-secret-of-32-characters";
+        let api = TestApp::spawn_with(Backend::PostgresFolder, |s| {
+            s.roles.worker = false;
+            s.master_key = Some(medrelay::config::Secret::new(key));
+            s.jwt_secret = Some(medrelay::config::Secret::new(secret));
+        })
+        .await;
+        let objects = api.data_dir.path().join("objects");
+        let database = api.settings.database_url.clone();
+        let worker = TestApp::spawn_with(Backend::SqliteFolder, |s| {
+            s.roles.api = true;
+            s.database_url = database;
+            s.storage_url = Some(format!("file://{}", objects.display()));
+            s.master_key = Some(medrelay::config::Secret::new(key));
+            s.jwt_secret = Some(medrelay::config::Secret::new(secret));
+            s.poll_interval = Duration::from_secs(3600);
+        })
+        .await;
+        let token = api.token("two-instances");
+        let job = api
+            .upload_ok(
+                &token,
+                corpus_file("001-trivial--minimal-document.pdf"),
+                "application/pdf",
+            )
+            .await;
+        let id = job["id"].as_str().unwrap().to_owned();
+        let stream = api
+            .http
+            .get(api.url(&format!("/v1/jobs/{id}/events")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        // The worker instance polls once an hour: wake it by hand, as a fresh upload there would.
+        worker.state().wake.notify_one();
+        let started = std::time::Instant::now();
+        let body = tokio::time::timeout(Duration::from_secs(8), stream.text())
+            .await
+            .expect("the stream ended")
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(8));
+        let last = body
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("data:"))
+            .unwrap();
+        let last: Value = serde_json::from_str(last.trim()).unwrap();
+        assert_eq!(last["status"], "succeeded", "{body}");
+        worker.stop().await;
+        api.stop().await;
     }
 }

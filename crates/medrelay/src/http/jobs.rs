@@ -21,9 +21,10 @@ use crate::worker::RESULT_KIND;
 
 /// The most jobs `GET /v1/jobs` returns (jobs live an hour at most).
 const LIST_LIMIT: i64 = 200;
-/// How often an event stream re-reads its job when no in-process change was announced (changes
-/// made by another instance).
-const EVENTS_RECHECK: Duration = Duration::from_secs(2);
+/// How often an event stream re-reads its job when no change was announced. Changes are
+/// announced in-process, and across instances by PostgreSQL's NOTIFY; this is a safety net
+/// for a missed notification (a reconnecting listener), not the delivery path.
+const EVENTS_RECHECK: Duration = Duration::from_secs(10);
 
 /// The Job of api.md with its result decrypted (for its owner only).
 pub(crate) fn job_of(state: &AppState, row: &JobRow) -> Result<Job, ApiError> {

@@ -5,6 +5,7 @@
 //! classification of every failure as Retry, Abort or Unmanaged. A processor never stores or
 //! logs document bytes; it gets them in memory and returns a result.
 
+pub mod anthropic;
 pub mod local;
 pub mod sniff;
 
@@ -42,8 +43,15 @@ pub enum Refusal {
     Unreadable,
     /// The file type is not supported by this processor.
     Unsupported,
-    /// Processing took longer than allowed.
+    /// Processing took longer than allowed, or the document is too large for one answer.
     TooComplex,
+    /// The provider rejected the document as invalid input.
+    Rejected,
+    /// The provider declined to process the document.
+    Refused,
+    /// The provider cannot serve us now (credentials, permissions, spend limit): not the
+    /// document's fault, and not worth retrying at once.
+    ServiceUnavailable,
 }
 
 impl Refusal {
@@ -65,11 +73,23 @@ impl Refusal {
                 "document-too-complex",
                 "This document is too complex for us to read. Please upload fewer pages at a time or a simpler scan.",
             ),
+            Refusal::Rejected => (
+                "document-rejected",
+                "We could not process this document. Please try a clearer scan or photo, or export the document again.",
+            ),
+            Refusal::Refused => (
+                "document-refused",
+                "We could not process this document. Please make sure it is a medical document and try again.",
+            ),
+            Refusal::ServiceUnavailable => (
+                "service-unavailable",
+                "Reading documents is temporarily unavailable. Please try again later.",
+            ),
         };
         JobError {
             code: code.into(),
             message: message.into(),
-            retryable: false,
+            retryable: matches!(self, Refusal::ServiceUnavailable),
         }
     }
 }

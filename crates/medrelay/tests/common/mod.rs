@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod claude_mock;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -169,6 +171,36 @@ impl TestApp {
         let (mut settings, pg_name) = test_settings(backend, data_dir.path()).await;
         tweak(&mut settings);
         let running = app::start(settings.clone()).await.expect("the app starts");
+        TestApp {
+            backend,
+            addr: format!("http://{}", running.addr),
+            http: reqwest::Client::new(),
+            running: Some(running),
+            data_dir,
+            settings,
+            pg_name,
+        }
+    }
+
+    /// Starts the app with a state adjusted by `customize` (for example a slow processor).
+    pub async fn spawn_custom(
+        backend: Backend,
+        tweak: impl FnOnce(&mut Settings),
+        customize: impl FnOnce(&mut medrelay::app::AppState),
+    ) -> TestApp {
+        let data_dir = tempfile::tempdir().expect("a temp dir");
+        let (mut settings, pg_name) = test_settings(backend, data_dir.path()).await;
+        tweak(&mut settings);
+        let mut state = medrelay::app::AppState::new(settings.clone())
+            .await
+            .expect("the state builds");
+        customize(&mut state);
+        let listener = tokio::net::TcpListener::bind(&settings.listen)
+            .await
+            .unwrap();
+        let running = app::start_with(state, listener)
+            .await
+            .expect("the app starts");
         TestApp {
             backend,
             addr: format!("http://{}", running.addr),
@@ -408,6 +440,51 @@ pub fn text_pdf(lines: &[&str]) -> Vec<u8> {
         pages_id,
         Object::Dictionary(dictionary! {
             "Type" => "Pages", "Kids" => vec![page_id.into()], "Count" => 1,
+            "Resources" => resources_id, "MediaBox" => vec![0.into(), 0.into(), 595.into(), 842.into()],
+        }),
+    );
+    let catalog_id = doc.add_object(dictionary! { "Type" => "Catalog", "Pages" => pages_id });
+    doc.trailer.set("Root", catalog_id);
+    let mut out = Vec::new();
+    doc.save_to(&mut out).expect("saving a PDF");
+    out
+}
+
+/// A PDF with one page per entry of `pages`, each showing its text.
+pub fn pages_pdf(pages: &[String]) -> Vec<u8> {
+    use lopdf::content::{Content, Operation};
+    use lopdf::{Document, Object, dictionary};
+    let mut doc = Document::with_version("1.5");
+    let pages_id = doc.new_object_id();
+    let font_id = doc.add_object(dictionary! {
+        "Type" => "Font", "Subtype" => "Type1", "BaseFont" => "Helvetica",
+    });
+    let resources_id = doc.add_object(dictionary! { "Font" => dictionary! { "F1" => font_id } });
+    let mut kids = Vec::new();
+    for text in pages {
+        let content = Content {
+            operations: vec![
+                Operation::new("BT", vec![]),
+                Operation::new("Tf", vec!["F1".into(), 12.into()]),
+                Operation::new("Td", vec![50.into(), 750.into()]),
+                Operation::new("Tj", vec![Object::string_literal(text.as_str())]),
+                Operation::new("ET", vec![]),
+            ],
+        };
+        let content_id = doc.add_object(lopdf::Stream::new(
+            dictionary! {},
+            content.encode().unwrap(),
+        ));
+        let page_id = doc.add_object(dictionary! {
+            "Type" => "Page", "Parent" => pages_id, "Contents" => content_id,
+        });
+        kids.push(page_id.into());
+    }
+    let count = kids.len() as i64;
+    doc.objects.insert(
+        pages_id,
+        Object::Dictionary(dictionary! {
+            "Type" => "Pages", "Kids" => kids, "Count" => count,
             "Resources" => resources_id, "MediaBox" => vec![0.into(), 0.into(), 595.into(), 842.into()],
         }),
     );

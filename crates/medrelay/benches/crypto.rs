@@ -1,0 +1,156 @@
+//! Encryption cost, measured against baselines in the same run (these machines are noisy, so
+//! only ratios are meaningful):
+//!
+//! 1. sealing 64 MiB in 64 KiB pieces vs copying the same bytes;
+//! 2. opening them vs copying;
+//! 3. ingest into the local-folder store, sealed vs plain, 32 MiB per upload.
+//!
+//! Run: `cargo bench --bench crypto`. Prints a Markdown table for docs/benchmarks.md.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use medrelay::crypto::{self, Binding, Keyring, SealingStream};
+use medrelay::store::Store;
+
+const PIECE: usize = 64 * 1024;
+const ROUNDS: usize = 7;
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn mib_per_s(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64()
+}
+
+fn data(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+const BIND: Binding<'static> = Binding {
+    user_prefix: "bench",
+    job_id: "job",
+    kind: "document",
+};
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let keyring = Keyring::parse("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+    let plain = data(64 * 1024 * 1024);
+
+    // 1. Seal vs copy, interleaved so both see the same machine state.
+    let (mut copy_t, mut seal_t, mut open_t) = (Vec::new(), Vec::new(), Vec::new());
+    let mut sealed = Vec::new();
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        let mut out = Vec::with_capacity(plain.len());
+        for piece in plain.chunks(PIECE) {
+            out.extend_from_slice(black_box(piece));
+        }
+        black_box(&out);
+        copy_t.push(start.elapsed());
+
+        let (key, _) = keyring.new_data_key(&BIND).unwrap();
+        let start = Instant::now();
+        let mut stream = SealingStream::new(&key, &BIND).unwrap();
+        let mut out = Vec::with_capacity(plain.len() + plain.len() / 1000);
+        for piece in plain.chunks(PIECE) {
+            for part in stream.push(piece).unwrap() {
+                out.extend_from_slice(&part);
+            }
+        }
+        for part in stream.finish().unwrap() {
+            out.extend_from_slice(&part);
+        }
+        seal_t.push(start.elapsed());
+
+        let start = Instant::now();
+        let opened = crypto::open(&key, &BIND, &out).unwrap();
+        open_t.push(start.elapsed());
+        assert_eq!(opened.len(), plain.len());
+        sealed = out;
+    }
+    black_box(&sealed);
+    let (copy, seal, open) = (median(copy_t), median(seal_t), median(open_t));
+
+    // 3. Ingest into the local-folder store: plain vs sealed, 32 MiB uploads.
+    let upload = &plain[..32 * 1024 * 1024];
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("file://{}", dir.path().display())).unwrap();
+    let (mut plain_t, mut sealed_t) = (Vec::new(), Vec::new());
+    runtime.block_on(async {
+        for round in 0..ROUNDS {
+            let path = object_store::path::Path::from(format!("bench/plain-{round}"));
+            let start = Instant::now();
+            let mut writer = store.writer(&path);
+            for piece in upload.chunks(PIECE) {
+                writer.write(Bytes::copy_from_slice(piece)).await.unwrap();
+            }
+            writer.finish().await.unwrap();
+            plain_t.push(start.elapsed());
+            store.delete(&path).await.unwrap();
+
+            let path = object_store::path::Path::from(format!("bench/sealed-{round}"));
+            let start = Instant::now();
+            let (key, _) = keyring.new_data_key(&BIND).unwrap();
+            let mut stream = SealingStream::new(&key, &BIND).unwrap();
+            let mut writer = store.writer(&path);
+            for piece in upload.chunks(PIECE) {
+                for part in stream.push(piece).unwrap() {
+                    writer.write(part).await.unwrap();
+                }
+            }
+            for part in stream.finish().unwrap() {
+                writer.write(part).await.unwrap();
+            }
+            writer.finish().await.unwrap();
+            sealed_t.push(start.elapsed());
+            store.delete(&path).await.unwrap();
+        }
+    });
+    let (ingest_plain, ingest_sealed) = (median(plain_t), median(sealed_t));
+
+    let n = plain.len();
+    let u = upload.len();
+    println!("| measurement (median of {ROUNDS}) | MiB/s | ratio to its baseline |");
+    println!("|---|---|---|");
+    println!(
+        "| copy 64 MiB in 64 KiB pieces (baseline) | {:.0} | 1.00 |",
+        mib_per_s(n, copy)
+    );
+    println!(
+        "| seal 64 MiB (STREAM, AES-256-GCM) | {:.0} | {:.3} |",
+        mib_per_s(n, seal),
+        copy.as_secs_f64() / seal.as_secs_f64()
+    );
+    println!(
+        "| open 64 MiB | {:.0} | {:.3} |",
+        mib_per_s(n, open),
+        copy.as_secs_f64() / open.as_secs_f64()
+    );
+    println!(
+        "| ingest 32 MiB into the local folder, plain (baseline) | {:.0} | 1.00 |",
+        mib_per_s(u, ingest_plain)
+    );
+    println!(
+        "| ingest 32 MiB into the local folder, sealed | {:.0} | {:.3} |",
+        mib_per_s(u, ingest_sealed),
+        ingest_plain.as_secs_f64() / ingest_sealed.as_secs_f64()
+    );
+    let cost = 1.0 - ingest_plain.as_secs_f64() / ingest_sealed.as_secs_f64();
+    println!(
+        "\nencryption costs {:.1}% of ingest throughput (target: under 10%)",
+        cost * 100.0
+    );
+}

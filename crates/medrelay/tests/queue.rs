@@ -1,0 +1,340 @@
+//! The claim, rescue and compare-and-set rules of the job queue, table-driven in the style of
+//! River's rescuer tests, on SQLite and PostgreSQL.
+
+mod common;
+
+use std::time::Duration;
+
+use medrelay::crypto::WrappedKey;
+use medrelay::db::{Db, NewJob, now_millis};
+use medrelay::model::JobError;
+
+const LEASE: Duration = Duration::from_secs(60);
+
+async fn sqlite() -> (Db, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::connect(&format!("sqlite://{}", dir.path().join("q.db").display()))
+        .await
+        .unwrap();
+    (db, dir)
+}
+
+async fn postgres() -> (Db, String) {
+    let (url, name) = common::fresh_postgres().await;
+    (Db::connect(&url).await.unwrap(), name)
+}
+
+async fn insert(db: &Db, id: &str) {
+    let now = now_millis();
+    db.insert_job(&NewJob {
+        id: id.into(),
+        user_id: "u".into(),
+        user_prefix: "p".into(),
+        media_type: "application/pdf".into(),
+        size_bytes: 1,
+        max_attempts: 4,
+        idempotency_key: None,
+        document_key: WrappedKey {
+            kid: "k".into(),
+            bytes: vec![0; 60],
+        },
+        now,
+        expires_at: now + 3_600_000,
+    })
+    .await
+    .unwrap();
+}
+
+/// Puts a job into a given state directly (what a crashed or concurrent worker left).
+async fn set(db: &Db, id: &str, assignments: &str) {
+    let sql = format!("UPDATE jobs SET {assignments} WHERE id = $1");
+    match db {
+        Db::Sqlite(p) => sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .execute(p)
+            .await
+            .map(|_| ()),
+        Db::Postgres(p) => sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .execute(p)
+            .await
+            .map(|_| ()),
+    }
+    .unwrap();
+}
+
+fn error() -> JobError {
+    JobError {
+        code: "processing-unavailable".into(),
+        message: "m".into(),
+        retryable: true,
+    }
+}
+
+/// One row of the table: a job left in some state, and what the rescue must do with it.
+struct Case {
+    name: &'static str,
+    /// SQL assignments applied after a first claim (lease times are relative to now, in ms).
+    state: fn(i64) -> String,
+    claimed_again: bool,
+    failed_as_exhausted: bool,
+}
+
+async fn rescue_table(db: &Db) {
+    let cases = [
+        Case {
+            name: "lease just before the horizon",
+            state: |now| format!("lease_until = {}", now + 1_000),
+            claimed_again: false,
+            failed_as_exhausted: false,
+        },
+        Case {
+            name: "lease just after the horizon",
+            state: |now| format!("lease_until = {}", now - 1),
+            claimed_again: true,
+            failed_as_exhausted: false,
+        },
+        Case {
+            name: "expired lease at max attempts",
+            state: |now| format!("lease_until = {}, attempts = 4", now - 1),
+            claimed_again: false,
+            failed_as_exhausted: true,
+        },
+        Case {
+            name: "live lease at max attempts",
+            state: |now| format!("lease_until = {}, attempts = 4", now + 1_000),
+            claimed_again: false,
+            failed_as_exhausted: false,
+        },
+        Case {
+            name: "already completed",
+            state: |now| {
+                format!(
+                    "status = 'succeeded', lease_token = NULL, lease_until = {}",
+                    now - 1
+                )
+            },
+            claimed_again: false,
+            failed_as_exhausted: false,
+        },
+        Case {
+            name: "already failed",
+            state: |_| "status = 'failed', lease_token = NULL, lease_until = NULL".into(),
+            claimed_again: false,
+            failed_as_exhausted: false,
+        },
+        Case {
+            name: "already cancelled",
+            state: |now| format!("deleted_at = {now}, lease_until = {}", now - 1),
+            claimed_again: false,
+            failed_as_exhausted: false,
+        },
+        Case {
+            name: "retry due",
+            state: |now| {
+                format!(
+                    "status = 'retry_scheduled', lease_token = NULL, lease_until = NULL, run_at = {}",
+                    now - 1
+                )
+            },
+            claimed_again: true,
+            failed_as_exhausted: false,
+        },
+        Case {
+            name: "retry not yet due",
+            state: |now| {
+                format!(
+                    "status = 'retry_scheduled', lease_token = NULL, lease_until = NULL, run_at = {}",
+                    now + 1_000
+                )
+            },
+            claimed_again: false,
+            failed_as_exhausted: false,
+        },
+        Case {
+            name: "expired lifetime",
+            state: |now| format!("lease_until = {}, expires_at = {}", now - 1, now - 1),
+            claimed_again: false,
+            failed_as_exhausted: false,
+        },
+    ];
+    for case in cases {
+        let id = format!("job-{}", uuid::Uuid::new_v4());
+        insert(db, &id).await;
+        let first = db.claim("first", LEASE, 100).await.unwrap();
+        assert!(
+            first.iter().any(|r| r.id == id),
+            "{}: first claim",
+            case.name
+        );
+        let before = db.get_job_by_id(&id).await.unwrap().unwrap();
+        set(db, &id, &(case.state)(now_millis())).await;
+
+        let exhausted = db.fail_exhausted(&error()).await.unwrap();
+        assert_eq!(
+            exhausted.iter().any(|r| r.id == id),
+            case.failed_as_exhausted,
+            "{}: exhausted",
+            case.name
+        );
+        let again = db.claim("rescuer", LEASE, 100).await.unwrap();
+        let rescued = again.iter().find(|r| r.id == id);
+        assert_eq!(
+            rescued.is_some(),
+            case.claimed_again,
+            "{}: claimed again",
+            case.name
+        );
+        if let Some(row) = rescued {
+            assert_eq!(
+                row.attempts,
+                before.attempts + 1,
+                "{}: a rescue counts as an attempt",
+                case.name
+            );
+            assert_eq!(row.lease_token.as_deref(), Some("rescuer"));
+            // The first worker is late: none of its writes change anything now.
+            assert!(
+                !db.complete(
+                    &id,
+                    "first",
+                    b"late",
+                    &WrappedKey {
+                        kid: "k".into(),
+                        bytes: vec![0; 60]
+                    }
+                )
+                .await
+                .unwrap(),
+                "{}",
+                case.name
+            );
+            assert!(
+                !db.fail(&id, "first", &error()).await.unwrap(),
+                "{}",
+                case.name
+            );
+            assert!(
+                !db.schedule_retry(&id, "first", now_millis()).await.unwrap(),
+                "{}",
+                case.name
+            );
+            assert!(
+                !db.heartbeat(&id, "first", LEASE).await.unwrap(),
+                "{}",
+                case.name
+            );
+            assert!(
+                db.complete(
+                    &id,
+                    "rescuer",
+                    b"r",
+                    &WrappedKey {
+                        kid: "k".into(),
+                        bytes: vec![0; 60]
+                    }
+                )
+                .await
+                .unwrap(),
+                "{}",
+                case.name
+            );
+        }
+        if case.failed_as_exhausted {
+            let row = db.get_job_by_id(&id).await.unwrap().unwrap();
+            assert_eq!(row.status, "failed", "{}", case.name);
+            assert!(
+                row.document_dek.is_none(),
+                "{}: the document key is destroyed",
+                case.name
+            );
+        }
+        // Clean slate for the next case.
+        set(db, &id, &format!("deleted_at = {}", now_millis())).await;
+    }
+}
+
+/// riverqueue/river#1302: a rescuer that read the job before the worker completed it must not
+/// overwrite the completion.
+async fn completion_racing_a_rescue(db: &Db) {
+    let id = format!("race-{}", uuid::Uuid::new_v4());
+    insert(db, &id).await;
+    assert_eq!(db.claim("worker", LEASE, 10).await.unwrap().len(), 1);
+    // The lease runs out while the worker is still busy...
+    set(db, &id, &format!("lease_until = {}", now_millis() - 1)).await;
+    // ...and the worker completes just before the rescuer's claim statement runs.
+    let key = WrappedKey {
+        kid: "k".into(),
+        bytes: vec![0; 60],
+    };
+    assert!(
+        db.complete(&id, "worker", b"done", &key).await.unwrap(),
+        "the lease holder may still finish"
+    );
+    let rescued = db.claim("rescuer", LEASE, 10).await.unwrap();
+    assert!(
+        rescued.iter().all(|r| r.id != id),
+        "a completed job is never rescued"
+    );
+    assert!(
+        db.fail_exhausted(&error())
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.id != id)
+    );
+    let row = db.get_job_by_id(&id).await.unwrap().unwrap();
+    assert_eq!(row.status, "succeeded");
+    assert_eq!(row.attempts, 1);
+
+    // The other order: the rescuer claims first; the late worker's completion is refused.
+    let id = format!("race-{}", uuid::Uuid::new_v4());
+    insert(db, &id).await;
+    db.claim("worker", LEASE, 10).await.unwrap();
+    set(db, &id, &format!("lease_until = {}", now_millis() - 1)).await;
+    assert_eq!(db.claim("rescuer", LEASE, 10).await.unwrap().len(), 1);
+    assert!(!db.complete(&id, "worker", b"late", &key).await.unwrap());
+    let row = db.get_job_by_id(&id).await.unwrap().unwrap();
+    assert_eq!(row.status, "processing");
+    assert_eq!(row.lease_token.as_deref(), Some("rescuer"));
+    assert_eq!(row.attempts, 2);
+}
+
+/// Two claimers at once never get the same job.
+async fn concurrent_claims_never_share_a_job(db: &Db) {
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        let id = format!("c-{}", uuid::Uuid::new_v4());
+        insert(db, &id).await;
+        ids.push(id);
+    }
+    let (a, b, c) = tokio::join!(
+        db.claim("a", LEASE, 20),
+        db.claim("b", LEASE, 20),
+        db.claim("c", LEASE, 20)
+    );
+    let mut seen = std::collections::HashSet::new();
+    for row in a.unwrap().into_iter().chain(b.unwrap()).chain(c.unwrap()) {
+        assert!(seen.insert(row.id.clone()), "{} claimed twice", row.id);
+        assert_eq!(row.attempts, 1);
+    }
+    assert_eq!(seen.len(), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescue_rules_hold_on_sqlite() {
+    let (db, _dir) = sqlite().await;
+    rescue_table(&db).await;
+    completion_racing_a_rescue(&db).await;
+    concurrent_claims_never_share_a_job(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescue_rules_hold_on_postgres() {
+    let (db, name) = postgres().await;
+    rescue_table(&db).await;
+    completion_racing_a_rescue(&db).await;
+    concurrent_claims_never_share_a_job(&db).await;
+    db.close().await;
+    common::drop_postgres(&name).await;
+}
