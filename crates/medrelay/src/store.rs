@@ -109,7 +109,7 @@ impl Store {
     /// least; a local folder takes any size, so it buffers far less.
     pub fn writer(&self, path: &Path) -> ObjectWriter {
         let (capacity, concurrency) = match self.kind {
-            StoreKind::Local => (256 * 1024, 1),
+            StoreKind::Local => (256 * 1024, 2),
             StoreKind::S3 => (5 * 1024 * 1024, 2),
         };
         ObjectWriter {
