@@ -306,7 +306,12 @@ impl AeadInOut for Aes256Gcm {
     ) -> aead::Result<()> {
         let data = buffer.into_out_with_copied_in();
         self.0
-            .open_in_place_separate_tag(nonce_of(nonce)?, Aad::from(associated_data), tag.as_slice(), data)
+            .open_in_place_separate_tag(
+                nonce_of(nonce)?,
+                Aad::from(associated_data),
+                tag.as_slice(),
+                data,
+            )
             .map(|_| ())
             .map_err(|_| aead::Error)
     }

@@ -152,12 +152,25 @@ fn main() {
         mib_per_s(u, ingest_sealed),
         ingest_plain.as_secs_f64() / ingest_sealed.as_secs_f64()
     );
-    println!("| upload 32 MiB over HTTP, plain streaming route (baseline) | {:.0} | 1.00 |", mib_per_s(u, http_plain));
-    println!("| upload 32 MiB over HTTP, the real `POST /v1/documents` | {:.0} | {:.3} |", mib_per_s(u, http_sealed), http_plain.as_secs_f64() / http_sealed.as_secs_f64());
+    println!(
+        "| upload 32 MiB over HTTP, plain streaming route (baseline) | {:.0} | 1.00 |",
+        mib_per_s(u, http_plain)
+    );
+    println!(
+        "| upload 32 MiB over HTTP, the real `POST /v1/documents` | {:.0} | {:.3} |",
+        mib_per_s(u, http_sealed),
+        http_plain.as_secs_f64() / http_sealed.as_secs_f64()
+    );
     let cost = 1.0 - ingest_plain.as_secs_f64() / ingest_sealed.as_secs_f64();
-    println!("\nencryption costs {:.1}% of store ingest throughput", cost * 100.0);
+    println!(
+        "\nencryption costs {:.1}% of store ingest throughput",
+        cost * 100.0
+    );
     let cost = 1.0 - http_plain.as_secs_f64() / http_sealed.as_secs_f64();
-    println!("the real upload route costs {:.1}% of plain HTTP upload ingest throughput (target: under 10%)", cost * 100.0);
+    println!(
+        "the real upload route costs {:.1}% of plain HTTP upload ingest throughput (target: under 10%)",
+        cost * 100.0
+    );
 }
 
 async fn http_ingest(upload: &[u8]) -> (Duration, Duration) {
@@ -169,14 +182,19 @@ async fn http_ingest(upload: &[u8]) -> (Duration, Duration) {
     settings.roles.worker = false;
     settings.roles.sweeper = false;
     let running = medrelay::app::start(settings).await.unwrap();
-    let token = running.state.auth.mint("bench", Duration::from_secs(3600)).unwrap();
+    let token = running
+        .state
+        .auth
+        .mint("bench", Duration::from_secs(3600))
+        .unwrap();
     let store = running.state.store.clone();
     let plain_route = axum::Router::new().route(
         "/plain",
         axum::routing::post(move |body: axum::body::Body| {
             let store = store.clone();
             async move {
-                let path = object_store::path::Path::from(format!("plain/{}", uuid::Uuid::new_v4()));
+                let path =
+                    object_store::path::Path::from(format!("plain/{}", uuid::Uuid::new_v4()));
                 let mut writer = store.writer(&path);
                 let mut stream = body.into_data_stream();
                 while let Some(chunk) = stream.next().await {
@@ -199,7 +217,12 @@ async fn http_ingest(upload: &[u8]) -> (Duration, Duration) {
     let (mut plain_t, mut sealed_t) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         let start = Instant::now();
-        let r = http.post(format!("http://{plain_addr}/plain")).body(body.clone()).send().await.unwrap();
+        let r = http
+            .post(format!("http://{plain_addr}/plain"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 202);
         plain_t.push(start.elapsed());
         let start = Instant::now();

@@ -135,12 +135,12 @@ impl RunningJobs {
         }
     }
 
-    /// Stops every job of one user.
-    pub fn cancel_user(&self, user_id: &str) -> usize {
+    /// Stops every job of one user (by opaque user prefix).
+    pub fn cancel_owner(&self, user_prefix: &str) -> usize {
         let guard = self.lock();
         let mut n = 0;
         for (owner, token) in guard.values() {
-            if owner == user_id {
+            if owner == user_prefix {
                 token.cancel();
                 n += 1;
             }

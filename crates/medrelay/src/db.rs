@@ -64,7 +64,32 @@ pub struct JobRow {
     pub document_dek: Option<Vec<u8>>,
     pub result_kek: Option<String>,
     pub result_dek: Option<Vec<u8>>,
+    pub unmanaged_at: Option<i64>,
 }
+
+/// A purge of one user's data, as queued by the database and recorded for audit.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PurgeRow {
+    pub id: i64,
+    pub user_prefix: String,
+    pub reason: String,
+    pub job_id: Option<String>,
+    pub requested_at: i64,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    pub jobs_purged: Option<i64>,
+    pub objects_deleted: Option<i64>,
+}
+
+/// A claimed purge is taken over by another instance when it has not finished in this time.
+pub const PURGE_LEASE_MS: i64 = 60_000;
+
+const CLAIM_PURGE_POSTGRES: &str = "UPDATE purges SET started_at = $1 WHERE id = (SELECT id FROM purges \
+     WHERE completed_at IS NULL AND (started_at IS NULL OR started_at < $2) \
+     ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING *";
+const CLAIM_PURGE_SQLITE: &str = "UPDATE purges SET started_at = $1 WHERE id = (SELECT id FROM purges \
+     WHERE completed_at IS NULL AND (started_at IS NULL OR started_at < $2) \
+     ORDER BY id LIMIT 1) RETURNING *";
 
 impl std::fmt::Debug for JobRow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -539,6 +564,129 @@ impl Db {
             .fetch_all(p)
             .await)?;
         Ok(rows)
+    }
+
+    /// Ends a claimed job as an unmanaged failure. Marking `unmanaged_at` makes the database's
+    /// trigger enqueue a purge of the user. `false` if the lease was lost.
+    pub async fn fail_unmanaged(
+        &self,
+        id: &str,
+        lease_token: &str,
+        error: &JobError,
+    ) -> anyhow::Result<bool> {
+        let sql = "UPDATE jobs SET status = 'failed', error_code = $1, error_message = $2, \
+                   error_retryable = $3, lease_token = NULL, lease_until = NULL, \
+                   document_kek = NULL, document_dek = NULL, next_attempt_at = NULL, \
+                   updated_at = $4, unmanaged_at = $4 \
+                   WHERE id = $5 AND lease_token = $6 AND status = 'processing' \
+                   AND deleted_at IS NULL";
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(&error.code)
+            .bind(&error.message)
+            .bind(error.retryable)
+            .bind(now_millis())
+            .bind(id)
+            .bind(lease_token)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// Marks any job's unmanaged failure found outside a claim (a result that fails its
+    /// integrity check when read). The trigger enqueues the purge.
+    pub async fn mark_unmanaged(&self, id: &str) -> anyhow::Result<()> {
+        let sql = "UPDATE jobs SET unmanaged_at = $1 WHERE id = $2 AND unmanaged_at IS NULL";
+        on_pool!(self, |p| sqlx::query(sql)
+            .bind(now_millis())
+            .bind(id)
+            .execute(p)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Takes the oldest pending purge (or one whose purger vanished).
+    pub async fn claim_purge(&self) -> anyhow::Result<Option<PurgeRow>> {
+        let now = now_millis();
+        let row = match self {
+            Db::Sqlite(p) => {
+                sqlx::query_as::<_, PurgeRow>(CLAIM_PURGE_SQLITE)
+                    .bind(now)
+                    .bind(now - PURGE_LEASE_MS)
+                    .fetch_optional(p)
+                    .await
+            }
+            Db::Postgres(p) => {
+                sqlx::query_as::<_, PurgeRow>(CLAIM_PURGE_POSTGRES)
+                    .bind(now)
+                    .bind(now - PURGE_LEASE_MS)
+                    .fetch_optional(p)
+                    .await
+            }
+        }
+        .context("claiming a purge")?;
+        Ok(row)
+    }
+
+    /// Destroys every data key, result and document reference of one user in one commit and
+    /// ends each live job as failed with `error`. Returns the ids of the jobs it touched.
+    pub async fn shred_user(
+        &self,
+        user_prefix: &str,
+        error: &JobError,
+    ) -> anyhow::Result<Vec<String>> {
+        let sql = "UPDATE jobs SET status = 'failed', error_code = $1, error_message = $2, \
+                   error_retryable = $3, result = NULL, document_kek = NULL, document_dek = NULL, \
+                   result_kek = NULL, result_dek = NULL, lease_token = NULL, lease_until = NULL, \
+                   next_attempt_at = NULL, idempotency_key = NULL, updated_at = $4 \
+                   WHERE user_prefix = $5 AND deleted_at IS NULL \
+                   RETURNING id";
+        let ids = on_pool!(self, |p| sqlx::query_scalar::<_, String>(sql)
+            .bind(&error.code)
+            .bind(&error.message)
+            .bind(error.retryable)
+            .bind(now_millis())
+            .bind(user_prefix)
+            .fetch_all(p)
+            .await)?;
+        Ok(ids)
+    }
+
+    /// Records a finished purge for the audit log.
+    pub async fn complete_purge(&self, id: i64, jobs: i64, objects: i64) -> anyhow::Result<()> {
+        let sql = "UPDATE purges SET completed_at = $1, jobs_purged = $2, objects_deleted = $3 \
+                   WHERE id = $4";
+        on_pool!(self, |p| sqlx::query(sql)
+            .bind(now_millis())
+            .bind(jobs)
+            .bind(objects)
+            .bind(id)
+            .execute(p)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// The purge audit log, newest first.
+    pub async fn purges(&self) -> anyhow::Result<Vec<PurgeRow>> {
+        let sql = "SELECT * FROM purges ORDER BY id DESC";
+        let rows = on_pool!(self, |p| sqlx::query_as::<_, PurgeRow>(sql)
+            .fetch_all(p)
+            .await)?;
+        Ok(rows)
+    }
+
+    /// Whether a job row (live or tombstoned) exists for this user prefix and job id.
+    pub async fn job_exists(&self, user_prefix: &str, id: &str) -> anyhow::Result<bool> {
+        let sql =
+            "SELECT COUNT(*) FROM jobs WHERE id = $1 AND user_prefix = $2 AND deleted_at IS NULL";
+        let n = on_pool!(self, |p| sqlx::query_scalar::<_, i64>(sql)
+            .bind(id)
+            .bind(user_prefix)
+            .fetch_one(p)
+            .await)?;
+        Ok(n > 0)
     }
 
     /// Live jobs whose lifetime has ended, oldest first.

@@ -16,6 +16,7 @@ pub mod http;
 pub mod keys;
 pub mod model;
 pub mod processor;
+pub mod purge;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;

@@ -177,11 +177,28 @@ impl Store {
         }
     }
 
+    /// Removes the folders of a deleted local object that are now empty.
+    pub fn prune_empty(&self, path: &Path) {
+        if let Some(root) = &self.local_root {
+            prune_empty_parents(root, path);
+        }
+    }
+
     /// Lists every object key (tests and the sweeper).
     pub async fn list_all(&self) -> anyhow::Result<Vec<(Path, u64)>> {
         self.inner
             .list(None)
             .map_ok(|m| (m.location, m.size))
+            .try_collect()
+            .await
+            .context("listing objects")
+    }
+
+    /// Every object with its last-modified time in unix milliseconds (the sweeper).
+    pub async fn list_with_times(&self) -> anyhow::Result<Vec<(Path, i64)>> {
+        self.inner
+            .list(None)
+            .map_ok(|m| (m.location, m.last_modified.timestamp_millis()))
             .try_collect()
             .await
             .context("listing objects")

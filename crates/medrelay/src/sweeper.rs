@@ -1,6 +1,6 @@
 //! The sweeper role: every `MEDRELAY_SWEEP_INTERVAL`, ends every job whose lifetime is over
-//! (in any state, running ones included), deletes its objects, and drops PHI-free tombstones
-//! after a day.
+//! (in any state, running ones included), deletes its objects and any object older than the
+//! TTL (orphans included), drops PHI-free tombstones after a day, and finishes purges.
 //!
 //! Owns the one-hour guarantee. Safe to run in several instances at once: every step is
 //! idempotent, and tombstoning is a compare-and-set on `deleted_at`.
@@ -62,5 +62,35 @@ pub async fn sweep(state: &AppState) -> anyhow::Result<u64> {
         .db
         .drop_tombstones(now - db::millis(TOMBSTONE_TTL))
         .await?;
+    sweep_objects(state, now).await?;
+    // A purge whose purger died is picked up here too.
+    crate::purge::run_pending(state).await?;
     Ok(expired)
+}
+
+/// Deletes every object older than the TTL, whatever its job row says: documents of jobs that
+/// ended without their delete, and orphans of a crash between storing and committing. No
+/// object can outlive the TTL by more than one sweep interval.
+async fn sweep_objects(state: &AppState, now: i64) -> anyhow::Result<()> {
+    let ttl = db::millis(state.settings.temp_ttl);
+    let objects = state.store.list_with_times().await?;
+    let mut oldest_ms = 0i64;
+    let mut deleted = 0u64;
+    for (path, modified) in objects {
+        let age = now - modified;
+        if age >= ttl {
+            state.store.delete(&path).await?;
+            state.store.prune_empty(&path);
+            deleted += 1;
+        } else {
+            oldest_ms = oldest_ms.max(age);
+        }
+    }
+    if deleted > 0 {
+        metrics::counter!("medrelay_deletions_total", "reason" => "object-expired")
+            .increment(deleted);
+        tracing::info!(deleted, "expired objects deleted");
+    }
+    metrics::gauge!("medrelay_oldest_object_age_seconds").set(oldest_ms as f64 / 1000.0);
+    Ok(())
 }

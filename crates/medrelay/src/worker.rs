@@ -35,6 +35,9 @@ pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result
     let poll = state.settings.poll_interval;
     loop {
         while jobs.try_join_next().is_some() {}
+        if let Err(e) = crate::purge::run_pending(&state).await {
+            tracing::error!(error = %format!("{e:#}"), "a purge failed; retrying");
+        }
         end_exhausted(&state).await;
         let free = slots.available_permits();
         if free > 0 {
@@ -118,7 +121,9 @@ pub async fn process_document(
     hard_stop: CancellationToken,
 ) {
     let cancel = hard_stop.child_token();
-    state.running.insert(&row.id, &row.user_id, cancel.clone());
+    state
+        .running
+        .insert(&row.id, &row.user_prefix, cancel.clone());
     state.publish(&row.id);
     let heartbeat = spawn_heartbeat(state, &row.id, lease_token, cancel.clone());
 
@@ -298,8 +303,18 @@ async fn finish(
             fail(state, row, lease_token, refusal.job_error(), "refused").await?
         }
         Err(ProcessError::Unmanaged(cause)) => {
-            tracing::error!(error = %format!("{cause:#}"), "unmanaged failure");
-            fail(state, row, lease_token, unmanaged_failure(), "unmanaged").await?
+            tracing::error!(error = %format!("{cause:#}"), "unmanaged failure: purging the user");
+            let won = state
+                .db
+                .fail_unmanaged(&row.id, lease_token, &unmanaged_failure())
+                .await?;
+            if won {
+                metrics::counter!("medrelay_jobs_finished_total", "outcome" => "failed", "reason" => "unmanaged")
+                    .increment(1);
+                // The trigger queued the purge; carry it out now rather than on the next poll.
+                state.wake.notify_one();
+            }
+            won
         }
     };
     if terminal {

@@ -1021,8 +1021,25 @@ mod encryption {
                 .to_lowercase()
                 .contains("integrity")
         );
-        let done_b = app.wait_terminal(&token, b["id"].as_str().unwrap()).await;
-        assert_eq!(done_b["status"], "succeeded", "{done_b}");
+        // B was untouched, but an integrity failure purges everything of its user (B may have
+        // succeeded first; the purge then ends it too).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let done_b: Value = app
+                .get_job(&token, b["id"].as_str().unwrap())
+                .await
+                .json()
+                .await
+                .unwrap();
+            if done_b["status"] == "failed" {
+                assert_eq!(done_b["error"]["code"], "processing-failed");
+                assert!(done_b["result"].is_null());
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{done_b}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        app.assert_store_empties().await;
         app.stop().await;
     }
 }
@@ -1158,5 +1175,143 @@ mod instances {
         assert_eq!(last["status"], "succeeded", "{body}");
         worker.stop().await;
         api.stop().await;
+    }
+}
+
+mod purge {
+    //! Unmanaged failures purge everything of that user, queued by the database itself.
+    use super::*;
+    use medrelay::store::{ObjectKind, Store};
+
+    on_every_backend!(
+        a_tampered_ciphertext_purges_every_job_of_that_user_and_no_other,
+        orphan_objects_are_swept_after_the_ttl,
+    );
+
+    async fn a_tampered_ciphertext_purges_every_job_of_that_user_and_no_other(backend: Backend) {
+        let mut app = TestApp::spawn_with(backend, |s| s.workers = 1).await;
+        let victim = app.token("victim");
+        let other = app.token("bystander");
+        // A finished job with a result, for each user.
+        let done_v = app
+            .upload_ok(&victim, text_pdf(&["earlier result"]), "application/pdf")
+            .await;
+        let done_o = app
+            .upload_ok(&other, text_pdf(&["other result"]), "application/pdf")
+            .await;
+        for (t, j) in [(&victim, &done_v), (&other, &done_o)] {
+            assert_eq!(
+                app.wait_terminal(t, j["id"].as_str().unwrap()).await["status"],
+                "succeeded"
+            );
+        }
+        // Queued jobs, with the worker stopped.
+        app.settings.roles.worker = false;
+        app.restart().await;
+        let tampered = app
+            .upload_ok(&victim, text_pdf(&["to be tampered"]), "application/pdf")
+            .await;
+        let queued_v = app.upload_ok(&victim, png(8, 8), "image/png").await;
+        let queued_o = app.upload_ok(&other, png(8, 8), "image/png").await;
+        let prefix = app.state().user_prefix("victim");
+        let path = Store::object_path(
+            &prefix,
+            tampered["id"].as_str().unwrap(),
+            ObjectKind::Document,
+        );
+        let store = app.state().store.clone();
+        let mut bytes = store.read(&path).await.unwrap().to_vec();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x01;
+        store.put(&path, bytes.into()).await.unwrap();
+
+        app.settings.roles.worker = true;
+        app.restart().await;
+        // Every job of the victim ends failed with the friendly "upload it again", results too.
+        for job in [&tampered, &queued_v, &done_v] {
+            let id = job["id"].as_str().unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let now: Value = app.get_job(&victim, id).await.json().await.unwrap();
+                if now["status"] == "failed" {
+                    assert_eq!(now["error"]["code"], "processing-failed", "{now}");
+                    assert_eq!(now["error"]["retryable"], true);
+                    assert!(now["result"].is_null());
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{id} not purged: {now}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        // Nothing of the victim is left in the store; the bystander is untouched.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while app.objects().await.iter().any(|o| o.starts_with(&prefix)) {
+            assert!(std::time::Instant::now() < deadline, "victim objects left");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let kept = app
+            .wait_terminal(&other, done_o["id"].as_str().unwrap())
+            .await;
+        assert_eq!(kept["status"], "succeeded");
+        assert!(
+            kept["result"]["text"]
+                .as_str()
+                .unwrap()
+                .contains("other result")
+        );
+        let kept = app
+            .wait_terminal(&other, queued_o["id"].as_str().unwrap())
+            .await;
+        assert_eq!(kept["status"], "succeeded");
+        // The audit log records it, without a user id.
+        let purges = app.state().db.purges().await.unwrap();
+        assert_eq!(purges.len(), 1);
+        assert_eq!(purges[0].user_prefix, prefix);
+        assert_eq!(purges[0].reason, "unmanaged-failure");
+        assert_eq!(purges[0].job_id.as_deref(), tampered["id"].as_str());
+        assert!(purges[0].completed_at.is_some());
+        assert_eq!(purges[0].jobs_purged, Some(3));
+        app.assert_store_empties().await;
+        app.stop().await;
+    }
+
+    async fn orphan_objects_are_swept_after_the_ttl(backend: Backend) {
+        let app = TestApp::spawn_with(backend, |s| {
+            s.temp_ttl = Duration::from_secs(1);
+            s.sweep_interval = Duration::from_millis(200);
+        })
+        .await;
+        // What a crash between storing and committing leaves: an object with no row.
+        let orphan = Store::object_path(
+            "0123456789abcdef0123456789abcdef",
+            "crashed-upload",
+            ObjectKind::Document,
+        );
+        app.state()
+            .store
+            .put(&orphan, bytes::Bytes::from_static(b"ciphertext"))
+            .await
+            .unwrap();
+        assert_eq!(app.objects().await.len(), 1);
+        let started = std::time::Instant::now();
+        app.assert_store_empties().await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let metrics = app
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains("medrelay_oldest_object_age_seconds"),
+            "{metrics}"
+        );
+        app.stop().await;
     }
 }

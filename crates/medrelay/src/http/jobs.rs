@@ -37,11 +37,25 @@ pub(crate) fn job_of(state: &AppState, row: &JobRow) -> Result<Job, ApiError> {
             job_id: &row.id,
             kind: RESULT_KIND,
         };
-        let json = state
+        let json = match state
             .keyring
             .unwrap_key(&wrapped, &binding)
             .and_then(|key| crypto::open(&key, &binding, sealed))
-            .map_err(ApiError::internal)?;
+        {
+            Ok(json) => json,
+            Err(integrity) => {
+                // An unmanaged failure: the database queues a purge of this user.
+                let db = state.db.clone();
+                let id = row.id.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = db.mark_unmanaged(&id).await {
+                        tracing::error!(error = %format!("{e:#}"), "marking an unmanaged failure failed");
+                    }
+                });
+                state.wake.notify_one();
+                return Err(ApiError::internal(integrity));
+            }
+        };
         let result: DocumentResult = serde_json::from_slice(&json).map_err(|e| {
             ApiError::internal(anyhow::anyhow!("a stored result is unreadable: {e}"))
         })?;
@@ -219,7 +233,7 @@ pub async fn purge_user(
     reason: &'static str,
 ) -> anyhow::Result<(u64, u64)> {
     let jobs = state.db.tombstone_user(user_id, reason).await?;
-    state.running.cancel_user(user_id);
+    state.running.cancel_owner(&state.user_prefix(user_id));
     let objects = state
         .store
         .delete_prefix(&state.user_prefix(user_id))
