@@ -76,6 +76,13 @@ async fn sweep_objects(state: &AppState, now: i64) -> anyhow::Result<()> {
     let objects = state.store.list_with_times().await?;
     let mut oldest_ms = 0i64;
     let mut deleted = 0u64;
+    // Objects past the TTL by more than one sweep interval mean deletion is failing: alert.
+    let late = ttl + db::millis(state.settings.sweep_interval);
+    let past = objects
+        .iter()
+        .filter(|(_, modified)| now - modified > late)
+        .count();
+    metrics::gauge!("medrelay_objects_past_ttl").set(past as f64);
     for (path, modified) in objects {
         let age = now - modified;
         if age >= ttl {

@@ -728,3 +728,54 @@ async fn sigterm_lets_a_job_in_flight_finish_within_the_grace_period() {
     assert_eq!(job["attempts"], 1);
     assert_eq!(mock.calls().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_sigkill_nothing_outlives_the_ttl() {
+    let mut slow = Reply::ok(extraction("never"));
+    slow.delay = Duration::from_secs(120);
+    let (mock, base) = Mock::start(vec![], Some(slow)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut envs = claude_env(&base);
+    envs.push(("MEDRELAY_TEMP_TTL", "3s".into()));
+    envs.push(("MEDRELAY_SWEEP_INTERVAL", "300ms".into()));
+    envs.push(("MEDRELAY_LEASE", "1m".into()));
+    let mut server = Server::start_at(dir.path(), &env_refs(&envs), &[]);
+    let token = server.token("crash-ttl");
+    let id = upload_and_wait_for_the_call(&server, &mock, &token).await;
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let objects = dir.path().join("data/objects");
+    assert!(
+        !files_below(&objects).is_empty(),
+        "the document is there at the crash"
+    );
+
+    let server = Server::start_at(dir.path(), &env_refs(&envs), &[]);
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    loop {
+        let r = http
+            .get(format!("{}/v1/jobs/{id}", server.addr))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::GONE {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the job outlived its TTL after a crash"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !files_below(&objects).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            files_below(&objects)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -357,3 +357,80 @@ async fn malformed_tool_output_is_a_classified_failure() {
     assert_eq!(mock.calls().len(), 4);
     app.stop().await;
 }
+
+/// A JPEG whose EXIF says "rotate 90° clockwise to display" (orientation 6), with a GPS-like
+/// marker string inside the EXIF block.
+fn jpeg_with_orientation_6(w: u32, h: u32) -> Vec<u8> {
+    let plain = jpeg(w, h);
+    let mut tiff = b"II\x2a\x00\x08\x00\x00\x00".to_vec();
+    tiff.extend_from_slice(&[1, 0]); // one IFD entry
+    tiff.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0]); // Orientation = 6
+    tiff.extend_from_slice(&[0, 0, 0, 0]); // no next IFD
+    tiff.extend_from_slice(b"GPS-CANARY-48.8584N");
+    let mut app1 = b"Exif\0\0".to_vec();
+    app1.extend_from_slice(&tiff);
+    let len = (app1.len() + 2) as u16;
+    let mut out = plain[..2].to_vec();
+    out.extend_from_slice(&[0xff, 0xe1]);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&app1);
+    out.extend_from_slice(&plain[2..]);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_photo_is_turned_upright_from_its_exif_and_the_exif_is_dropped() {
+    let (mock, base) = Mock::start(vec![Reply::ok(extraction("upright"))], None).await;
+    let app = claude_app(&base, "1s,1s,1s", |_| {}).await;
+    let token = app.token("sideways");
+    let photo = jpeg_with_orientation_6(400, 200);
+    assert!(photo.windows(19).any(|w| w == b"GPS-CANARY-48.8584N"));
+    let job = app.upload_ok(&token, photo, "image/jpeg").await;
+    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let sent = decoded(&mock.calls()[0].body["messages"][0]["content"][0]);
+    let image = image::load_from_memory(&sent).unwrap();
+    assert_eq!(
+        (image.width(), image.height()),
+        (200, 400),
+        "rotated upright"
+    );
+    assert!(!sent.windows(4).any(|w| w == b"Exif"));
+    assert!(!sent.windows(10).any(|w| w == b"GPS-CANARY"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdf_too_large_for_one_request_is_split_by_size() {
+    let replies = (0..4)
+        .map(|i| Reply::ok(extraction(&format!("part {i}"))))
+        .collect();
+    let (mock, base) = Mock::start(replies, None).await;
+    let app = claude_app(&base, "1s,1s,1s", |_| {}).await;
+    let token = app.token("big-scans");
+    let pdf = common::heavy_pdf(3, 10 * 1024 * 1024);
+    assert!(pdf.len() > 30 * 1024 * 1024 && pdf.len() < 32 * 1024 * 1024);
+    let job = app.upload_ok(&token, pdf, "application/pdf").await;
+    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["result"]["document"]["page_count"], 3);
+    let calls = mock.calls();
+    assert!(calls.len() >= 2, "{} calls", calls.len());
+    let mut pages = 0;
+    for call in &calls {
+        let data = call.body["messages"][0]["content"][0]["source"]["data"]
+            .as_str()
+            .unwrap();
+        assert!(
+            data.len() <= 30 * 1024 * 1024,
+            "a request part of {} bytes",
+            data.len()
+        );
+        pages += lopdf::Document::load_mem(&STANDARD.decode(data).unwrap())
+            .unwrap()
+            .get_pages()
+            .len();
+    }
+    assert_eq!(pages, 3);
+    app.stop().await;
+}

@@ -1315,3 +1315,301 @@ mod purge {
         app.stop().await;
     }
 }
+
+mod failures {
+    //! Failures nobody planned for, and the one-hour limit on jobs in every state.
+    use super::*;
+    use std::sync::Arc;
+
+    /// A processor that panics on PNGs (outside any parser's catch_unwind) and works otherwise.
+    struct PanicsOnPng;
+
+    impl medrelay::processor::Processor for PanicsOnPng {
+        fn name(&self) -> &'static str {
+            "panics"
+        }
+        fn process(
+            &self,
+            document: medrelay::processor::Document,
+        ) -> futures::future::BoxFuture<
+            '_,
+            Result<medrelay::model::DocumentResult, medrelay::processor::ProcessError>,
+        > {
+            Box::pin(async move {
+                if document.media_type == medrelay::processor::MediaType::Png {
+                    panic!("a bug in a processor");
+                }
+                medrelay::processor::local::LocalProcessor
+                    .process(document)
+                    .await
+            })
+        }
+    }
+
+    /// Holds every job in `processing` until the test ends.
+    struct Stuck;
+
+    impl medrelay::processor::Processor for Stuck {
+        fn name(&self) -> &'static str {
+            "stuck"
+        }
+        fn process(
+            &self,
+            _document: medrelay::processor::Document,
+        ) -> futures::future::BoxFuture<
+            '_,
+            Result<medrelay::model::DocumentResult, medrelay::processor::ProcessError>,
+        > {
+            Box::pin(futures::future::pending())
+        }
+    }
+
+    on_every_backend!(
+        a_panic_in_a_job_fails_it_purges_its_user_and_the_worker_goes_on,
+        jobs_in_every_state_vanish_at_the_ttl,
+        finished_and_failed_jobs_vanish_at_the_ttl,
+        a_purge_racing_a_finishing_job_leaves_nothing_behind,
+    );
+
+    /// Panics on PNGs; holds PDFs until the gate opens, then finishes them normally.
+    struct PanicsOrWaits {
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl medrelay::processor::Processor for PanicsOrWaits {
+        fn name(&self) -> &'static str {
+            "panics-or-waits"
+        }
+        fn process(
+            &self,
+            document: medrelay::processor::Document,
+        ) -> futures::future::BoxFuture<
+            '_,
+            Result<medrelay::model::DocumentResult, medrelay::processor::ProcessError>,
+        > {
+            Box::pin(async move {
+                if document.media_type == medrelay::processor::MediaType::Png {
+                    panic!("a bug in a processor");
+                }
+                let _permit = self.gate.acquire().await.unwrap();
+                medrelay::processor::local::LocalProcessor
+                    .process(document)
+                    .await
+            })
+        }
+    }
+
+    async fn a_purge_racing_a_finishing_job_leaves_nothing_behind(backend: Backend) {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let processor_gate = gate.clone();
+        let app = TestApp::spawn_custom(
+            backend,
+            |s| s.workers = 2,
+            move |state| {
+                state.processor = Arc::new(PanicsOrWaits {
+                    gate: processor_gate,
+                });
+            },
+        )
+        .await;
+        let token = app.token("racing");
+        let slow = app
+            .upload_ok(
+                &token,
+                text_pdf(&["finishing as the purge runs"]),
+                "application/pdf",
+            )
+            .await;
+        let slow_id = slow["id"].as_str().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while app
+            .get_job(&token, slow_id)
+            .await
+            .json::<Value>()
+            .await
+            .unwrap()["status"]
+            != "processing"
+        {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // An unmanaged failure of the same user purges while the first job is mid-flight.
+        let bad = app.upload_ok(&token, png(8, 8), "image/png").await;
+        app.wait_terminal(&token, bad["id"].as_str().unwrap()).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while app
+            .state()
+            .db
+            .purges()
+            .await
+            .unwrap()
+            .iter()
+            .all(|p| p.completed_at.is_none())
+        {
+            assert!(std::time::Instant::now() < deadline, "no purge");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Now the slow job may finish: nothing it does may bring data back.
+        gate.add_permits(10);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let job: Value = app.get_job(&token, slow_id).await.json().await.unwrap();
+        assert_eq!(job["status"], "failed", "{job}");
+        assert_eq!(job["error"]["code"], "processing-failed");
+        assert!(job["result"].is_null());
+        app.assert_store_empties().await;
+        let row = app
+            .state()
+            .db
+            .get_job_by_id(slow_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(row.result.is_none() && row.result_dek.is_none() && row.document_dek.is_none());
+        app.stop().await;
+    }
+
+    async fn finished_and_failed_jobs_vanish_at_the_ttl(backend: Backend) {
+        let app = TestApp::spawn_with(backend, |s| {
+            s.temp_ttl = Duration::from_secs(2);
+            s.sweep_interval = Duration::from_millis(200);
+        })
+        .await;
+        let token = app.token("ttl-finished");
+        let good = app.upload_ok(&token, png(8, 8), "image/png").await;
+        let mut broken = jpeg(16, 16);
+        broken.truncate(20);
+        let bad = app.upload_ok(&token, broken, "image/jpeg").await;
+        assert_eq!(
+            app.wait_terminal(&token, good["id"].as_str().unwrap())
+                .await["status"],
+            "succeeded"
+        );
+        assert_eq!(
+            app.wait_terminal(&token, bad["id"].as_str().unwrap()).await["status"],
+            "failed"
+        );
+        let started = std::time::Instant::now();
+        for job in [&good, &bad] {
+            loop {
+                let r = app.get_job(&token, job["id"].as_str().unwrap()).await;
+                if r.status() == StatusCode::GONE {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "a finished job outlived its TTL"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let list: Value = app
+            .http
+            .get(app.url("/v1/jobs"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(list["jobs"].as_array().unwrap().is_empty());
+        app.assert_store_empties().await;
+        app.stop().await;
+    }
+
+    async fn a_panic_in_a_job_fails_it_purges_its_user_and_the_worker_goes_on(backend: Backend) {
+        let app = TestApp::spawn_custom(
+            backend,
+            |s| s.workers = 1,
+            |state| {
+                state.processor = Arc::new(PanicsOnPng);
+            },
+        )
+        .await;
+        let unlucky = app.token("unlucky");
+        let fine = app.token("fine");
+        let job = app.upload_ok(&unlucky, png(8, 8), "image/png").await;
+        let done = app
+            .wait_terminal(&unlucky, job["id"].as_str().unwrap())
+            .await;
+        assert_eq!(done["status"], "failed");
+        assert_eq!(done["error"]["code"], "processing-failed");
+        assert_eq!(done["error"]["retryable"], true);
+        // The single worker slot is free again and serves the next job.
+        let job = app
+            .upload_ok(
+                &fine,
+                corpus_file("001-trivial--minimal-document.pdf"),
+                "application/pdf",
+            )
+            .await;
+        let done = app.wait_terminal(&fine, job["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "succeeded");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while app
+            .state()
+            .db
+            .purges()
+            .await
+            .unwrap()
+            .iter()
+            .all(|p| p.completed_at.is_none())
+        {
+            assert!(std::time::Instant::now() < deadline, "no purge recorded");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let purges = app.state().db.purges().await.unwrap();
+        assert_eq!(purges.len(), 1);
+        assert_eq!(purges[0].user_prefix, app.state().user_prefix("unlucky"));
+        app.assert_store_empties().await;
+        app.stop().await;
+    }
+
+    async fn jobs_in_every_state_vanish_at_the_ttl(backend: Backend) {
+        let app = TestApp::spawn_custom(
+            backend,
+            |s| {
+                s.temp_ttl = Duration::from_secs(2);
+                s.sweep_interval = Duration::from_millis(200);
+            },
+            |state| state.processor = Arc::new(Stuck),
+        )
+        .await;
+        let token = app.token("ttl");
+        let processing = app.upload_ok(&token, png(8, 8), "image/png").await;
+        let id = processing["id"].as_str().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let now: Value = app.get_job(&token, id).await.json().await.unwrap();
+            if now["status"] == "processing" {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(app.state().running.len(), 1);
+        let started = std::time::Instant::now();
+        loop {
+            let r = app.get_job(&token, id).await;
+            if r.status() == StatusCode::GONE {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "a processing job outlived its TTL"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The stuck attempt was cancelled, not left holding a worker slot.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !app.state().running.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the expired job is still running"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        app.assert_store_empties().await;
+        app.stop().await;
+    }
+}

@@ -96,6 +96,8 @@ impl Mock {
                 }
             }),
         );
+        // Like the real API, take requests up to 32 MB.
+        let router = router.layer(axum::extract::DefaultBodyLimit::max(32 * 1024 * 1024));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });

@@ -494,3 +494,49 @@ pub fn pages_pdf(pages: &[String]) -> Vec<u8> {
     doc.save_to(&mut out).expect("saving a PDF");
     out
 }
+
+/// A PDF of `pages` pages, each carrying `bytes_per_page` of incompressible image-like data.
+pub fn heavy_pdf(pages: usize, bytes_per_page: usize) -> Vec<u8> {
+    use lopdf::{Document, Object, Stream, dictionary};
+    let mut doc = Document::with_version("1.5");
+    let pages_id = doc.new_object_id();
+    let mut kids = Vec::new();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..pages {
+        let data: Vec<u8> = (0..bytes_per_page)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let image = doc.add_object(Stream::new(
+            dictionary! {"Type" => "XObject", "Subtype" => "Image", "Width" => 1024, "Height" => (bytes_per_page / 1024) as i64,
+                         "ColorSpace" => "DeviceGray", "BitsPerComponent" => 8},
+            data,
+        ));
+        let content = doc.add_object(Stream::new(
+            dictionary! {},
+            b"q 595 0 0 842 0 0 cm /Im0 Do Q".to_vec(),
+        ));
+        let page = doc.add_object(dictionary! {
+            "Type" => "Page", "Parent" => pages_id, "Contents" => content,
+            "Resources" => dictionary! {"XObject" => dictionary! {"Im0" => image}},
+        });
+        kids.push(page.into());
+    }
+    let count = kids.len() as i64;
+    doc.objects.insert(
+        pages_id,
+        Object::Dictionary(dictionary! {
+            "Type" => "Pages", "Kids" => kids, "Count" => count,
+            "MediaBox" => vec![0.into(), 0.into(), 595.into(), 842.into()],
+        }),
+    );
+    let catalog = doc.add_object(dictionary! {"Type" => "Catalog", "Pages" => pages_id});
+    doc.trailer.set("Root", catalog);
+    let mut out = Vec::new();
+    doc.save_to(&mut out).unwrap();
+    out
+}

@@ -205,15 +205,22 @@ fn image_block(jpeg: &[u8]) -> Value {
     })
 }
 
-/// Splits a PDF into parts of at most 100 pages, in order, with each part's page count. A PDF
-/// within the limit is sent as it is.
+/// The base64 of one PDF part must leave room in the 32 MB request for the prompt and schema.
+pub const MAX_PDF_BASE64: usize = 30 * 1024 * 1024;
+
+fn base64_len(len: usize) -> usize {
+    len.div_ceil(3) * 4
+}
+
+/// Splits a PDF into parts of at most 100 pages whose base64 fits a request, in order, with
+/// each part's page count. A PDF within both limits is sent as it is.
 pub fn split_pdf(bytes: &[u8]) -> Result<Vec<(Vec<u8>, u32)>, ProcessError> {
-    let contained = |f: &dyn Fn() -> Result<lopdf::Document, lopdf::Error>| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok()
-    };
-    let doc = match contained(&|| lopdf::Document::load_mem(bytes)) {
-        Some(Ok(doc)) => doc,
-        Some(Err(lopdf::Error::Decryption(_) | lopdf::Error::InvalidPassword)) => {
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        lopdf::Document::load_mem(bytes)
+    }));
+    let doc = match loaded {
+        Ok(Ok(doc)) => doc,
+        Ok(Err(lopdf::Error::Decryption(_) | lopdf::Error::InvalidPassword)) => {
             return Err(ProcessError::Abort(Refusal::Encrypted));
         }
         _ => return Err(ProcessError::Abort(Refusal::Unreadable)),
@@ -225,30 +232,51 @@ pub fn split_pdf(bytes: &[u8]) -> Result<Vec<(Vec<u8>, u32)>, ProcessError> {
     if pages.is_empty() {
         return Err(ProcessError::Abort(Refusal::Unreadable));
     }
-    if pages.len() <= MAX_PDF_PAGES {
+    if pages.len() <= MAX_PDF_PAGES && base64_len(bytes.len()) <= MAX_PDF_BASE64 {
         return Ok(vec![(bytes.to_vec(), pages.len() as u32)]);
     }
     let mut parts = Vec::new();
     for chunk in pages.chunks(MAX_PDF_PAGES) {
-        let keep: std::collections::HashSet<u32> = chunk.iter().copied().collect();
-        let drop_pages: Vec<u32> = pages
-            .iter()
-            .copied()
-            .filter(|p| !keep.contains(p))
-            .collect();
-        let part = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut part = doc.clone();
-            part.delete_pages(&drop_pages);
-            part.prune_objects();
-            let mut out = Vec::new();
-            part.save_to(&mut out).map(|_| out)
-        }));
-        match part {
-            Ok(Ok(out)) => parts.push((out, chunk.len() as u32)),
-            _ => return Err(ProcessError::Abort(Refusal::Unreadable)),
-        }
+        split_part(&doc, &pages, chunk, &mut parts)?;
     }
     Ok(parts)
+}
+
+/// Builds the part holding `keep`; halves it until its base64 fits a request.
+fn split_part(
+    doc: &lopdf::Document,
+    pages: &[u32],
+    keep: &[u32],
+    parts: &mut Vec<(Vec<u8>, u32)>,
+) -> Result<(), ProcessError> {
+    let wanted: std::collections::HashSet<u32> = keep.iter().copied().collect();
+    let drop_pages: Vec<u32> = pages
+        .iter()
+        .copied()
+        .filter(|p| !wanted.contains(p))
+        .collect();
+    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut part = doc.clone();
+        part.delete_pages(&drop_pages);
+        part.prune_objects();
+        let mut out = Vec::new();
+        part.save_to(&mut out).map(|_| out)
+    }));
+    let part = match built {
+        Ok(Ok(part)) => part,
+        _ => return Err(ProcessError::Abort(Refusal::Unreadable)),
+    };
+    if base64_len(part.len()) <= MAX_PDF_BASE64 {
+        parts.push((part, keep.len() as u32));
+        return Ok(());
+    }
+    if keep.len() == 1 {
+        // One page larger than a whole request: nothing smaller can be sent.
+        return Err(ProcessError::Abort(Refusal::TooComplex));
+    }
+    let (first, second) = keep.split_at(keep.len() / 2);
+    split_part(doc, pages, first, parts)?;
+    split_part(doc, pages, second, parts)
 }
 
 /// Merges the result of a later part into the result so far.
