@@ -10,9 +10,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -22,6 +23,9 @@ use tokio::io::AsyncWriteExt;
 #[derive(Clone, Debug)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
+    /// The same S3 store seen as a multipart store: uploads we drive ourselves, so that their
+    /// ids can be recorded and an upload a crash left incomplete can be aborted.
+    s3: Option<Arc<PrefixStore<AmazonS3>>>,
     kind: StoreKind,
     /// The folder of a local store, to prune folders an aborted upload leaves empty.
     local_root: Option<std::path::PathBuf>,
@@ -60,6 +64,7 @@ impl Store {
                 .with_automatic_cleanup(true);
             Ok(Store {
                 inner: Arc::new(fs),
+                s3: None,
                 kind: StoreKind::Local,
                 local_root: Some(std::path::PathBuf::from(path)),
             })
@@ -81,14 +86,10 @@ impl Store {
                 builder = builder.with_region("us-east-1");
             }
             let s3 = builder.build().context("configuring S3 storage")?;
-            let prefix = prefix.trim_matches('/');
-            let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
-                Arc::new(s3)
-            } else {
-                Arc::new(PrefixStore::new(s3, prefix))
-            };
+            let s3 = Arc::new(PrefixStore::new(s3, prefix.trim_matches('/')));
             Ok(Store {
-                inner,
+                inner: s3.clone(),
+                s3: Some(s3),
                 kind: StoreKind::S3,
                 local_root: None,
             })
@@ -108,18 +109,108 @@ impl Store {
     /// A streaming writer. The chunk size bounds memory per upload: S3 needs parts of 5 MiB at
     /// least; a local folder takes any size, so it buffers far less.
     pub fn writer(&self, path: &Path) -> ObjectWriter {
-        let (capacity, concurrency) = match self.kind {
-            StoreKind::Local => (256 * 1024, 2),
-            StoreKind::S3 => (5 * 1024 * 1024, 2),
+        let inner = match &self.s3 {
+            Some(s3) => Inner::S3(S3Upload {
+                s3: s3.clone(),
+                path: path.clone(),
+                buffer: Vec::new(),
+                buffered: 0,
+                upload: None,
+                parts: Vec::new(),
+            }),
+            None => Inner::Buffered(
+                BufWriter::with_capacity(self.inner.clone(), path.clone(), 256 * 1024)
+                    .with_max_concurrency(2),
+            ),
         };
         ObjectWriter {
-            inner: BufWriter::with_capacity(self.inner.clone(), path.clone(), capacity)
-                .with_max_concurrency(concurrency),
+            inner,
             prune: self
                 .local_root
                 .as_ref()
                 .map(|root| (root.clone(), path.clone())),
         }
+    }
+
+    /// Deletes staging files of the local folder (`name#n`, an upload a crash interrupted)
+    /// and empty folders, when older than `older_than_ms`. object_store's listing hides both.
+    pub fn sweep_local_staging(&self, now_ms: i64, older_than_ms: i64) -> u64 {
+        let Some(root) = &self.local_root else {
+            return 0;
+        };
+        let age = |meta: &std::fs::Metadata| {
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as i64);
+            now_ms - modified
+        };
+        let mut removed = 0;
+        let mut dirs = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir() {
+                    stack.push(path.clone());
+                    dirs.push(path);
+                } else if entry.file_name().to_string_lossy().contains('#')
+                    && age(&meta) >= older_than_ms
+                    && std::fs::remove_file(&path).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        // Deepest first; a folder still in use is younger than the TTL or not empty.
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for dir in dirs {
+            if std::fs::metadata(&dir).is_ok_and(|m| age(&m) >= older_than_ms) {
+                let _ = std::fs::remove_dir(&dir);
+            }
+        }
+        removed
+    }
+
+    /// Aborts S3 multipart uploads that were started more than `older_than_ms` ago and never
+    /// completed or aborted (a crash mid-upload). Returns how many it aborted.
+    pub async fn abort_stale_uploads(
+        &self,
+        now_ms: i64,
+        older_than_ms: i64,
+    ) -> anyhow::Result<u64> {
+        let Some(s3) = &self.s3 else {
+            return Ok(0);
+        };
+        let markers: Vec<_> = self
+            .inner
+            .list(Some(&Path::from(UPLOAD_MARKERS)))
+            .try_collect()
+            .await
+            .context("listing upload markers")?;
+        let mut aborted = 0;
+        for marker in markers {
+            if now_ms - marker.last_modified.timestamp_millis() < older_than_ms {
+                continue;
+            }
+            let id = match self.read(&marker.location).await {
+                Ok(id) => String::from_utf8_lossy(&id).into_owned(),
+                Err(_) => continue,
+            };
+            let target = Path::from_iter(marker.location.parts().skip(1));
+            match s3.abort_multipart(&target, &id).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => tracing::warn!(error = %e, "aborting a stale multipart upload failed"),
+            }
+            self.delete(&marker.location).await?;
+            aborted += 1;
+        }
+        Ok(aborted)
     }
 
     /// Writes a whole object at once (small objects and tests).
@@ -218,22 +309,144 @@ impl Store {
 /// unfinished writer that is dropped leaves at most an incomplete upload, which the sweeper
 /// removes.
 pub struct ObjectWriter {
-    inner: BufWriter,
+    inner: Inner,
     prune: Option<(std::path::PathBuf, Path)>,
+}
+
+enum Inner {
+    Buffered(BufWriter),
+    S3(S3Upload),
+}
+
+/// Where the id of every S3 multipart upload in progress is recorded, one marker object per
+/// upload: `_uploads/{object key}` holding the upload id (an opaque id, no content).
+pub const UPLOAD_MARKERS: &str = "_uploads";
+/// S3's smallest part (all but the last).
+const S3_PART: usize = 5 * 1024 * 1024;
+
+struct S3Upload {
+    s3: Arc<PrefixStore<AmazonS3>>,
+    path: Path,
+    buffer: Vec<Bytes>,
+    buffered: usize,
+    upload: Option<String>,
+    parts: Vec<object_store::multipart::PartId>,
+}
+
+impl S3Upload {
+    fn marker(&self) -> Path {
+        Path::from_iter(
+            std::iter::once(object_store::path::PathPart::from(UPLOAD_MARKERS))
+                .chain(self.path.parts()),
+        )
+    }
+
+    fn take_buffer(&mut self) -> object_store::PutPayload {
+        self.buffered = 0;
+        object_store::PutPayload::from_iter(std::mem::take(&mut self.buffer))
+    }
+
+    async fn write(&mut self, chunk: Bytes) -> anyhow::Result<()> {
+        self.buffered += chunk.len();
+        self.buffer.push(chunk);
+        if self.buffered >= S3_PART {
+            let id = match &self.upload {
+                Some(id) => id.clone(),
+                None => {
+                    let id = self
+                        .s3
+                        .create_multipart(&self.path)
+                        .await
+                        .context("starting an upload")?;
+                    // Recorded before the first part, so a crash from here on leaves a marker.
+                    self.s3
+                        .put(&self.marker(), Bytes::from(id.clone().into_bytes()).into())
+                        .await
+                        .context("recording an upload")?;
+                    self.upload = Some(id.clone());
+                    id
+                }
+            };
+            let payload = self.take_buffer();
+            let part = self
+                .s3
+                .put_part(&self.path, &id, self.parts.len(), payload)
+                .await
+                .context("writing a part")?;
+            self.parts.push(part);
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> anyhow::Result<()> {
+        match self.upload.clone() {
+            None => {
+                let payload = self.take_buffer();
+                self.s3
+                    .put(&self.path, payload)
+                    .await
+                    .context("writing an object")?;
+            }
+            Some(id) => {
+                if self.buffered > 0 {
+                    let payload = self.take_buffer();
+                    let part = self
+                        .s3
+                        .put_part(&self.path, &id, self.parts.len(), payload)
+                        .await
+                        .context("writing the last part")?;
+                    self.parts.push(part);
+                }
+                self.s3
+                    .complete_multipart(&self.path, &id, std::mem::take(&mut self.parts))
+                    .await
+                    .context("completing an upload")?;
+                self.s3
+                    .delete(&self.marker())
+                    .await
+                    .context("clearing an upload record")?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn abort(self) -> anyhow::Result<()> {
+        if let Some(id) = &self.upload {
+            self.s3
+                .abort_multipart(&self.path, id)
+                .await
+                .context("aborting an upload")?;
+            self.s3
+                .delete(&self.marker())
+                .await
+                .context("clearing an upload record")?;
+        }
+        Ok(())
+    }
 }
 
 impl ObjectWriter {
     pub async fn write(&mut self, chunk: Bytes) -> anyhow::Result<()> {
-        self.inner.put(chunk).await.context("writing an object")
+        match &mut self.inner {
+            Inner::Buffered(w) => w.put(chunk).await.context("writing an object"),
+            Inner::S3(u) => u.write(chunk).await,
+        }
     }
 
-    pub async fn finish(mut self) -> anyhow::Result<()> {
-        self.inner.shutdown().await.context("completing an object")
+    pub async fn finish(self) -> anyhow::Result<()> {
+        match self.inner {
+            Inner::Buffered(mut w) => w.shutdown().await.context("completing an object"),
+            Inner::S3(u) => u.finish().await,
+        }
     }
 
     pub async fn abort(mut self) {
-        if let Err(e) = self.inner.abort().await {
-            tracing::warn!(error = %e, "aborting an upload failed; the sweeper will remove it");
+        let outcome = match self.inner {
+            Inner::Buffered(mut w) => w.abort().await.context("aborting an upload"),
+            Inner::S3(u) => u.abort().await,
+        };
+        if let Err(e) = outcome {
+            tracing::warn!(error = %format!("{e:#}"), "aborting an upload failed; the sweeper will remove it");
         }
         if let Some((root, path)) = self.prune.take() {
             prune_empty_parents(&root, &path);

@@ -73,7 +73,26 @@ pub async fn sweep(state: &AppState) -> anyhow::Result<u64> {
 /// object can outlive the TTL by more than one sweep interval.
 async fn sweep_objects(state: &AppState, now: i64) -> anyhow::Result<()> {
     let ttl = db::millis(state.settings.temp_ttl);
-    let objects = state.store.list_with_times().await?;
+    // Multipart uploads a crash left incomplete hold parts S3 does not list as objects.
+    let aborted = state.store.abort_stale_uploads(now, ttl).await?
+        + state.store.sweep_local_staging(now, ttl);
+    if aborted > 0 {
+        metrics::counter!("medrelay_deletions_total", "reason" => "upload-abandoned")
+            .increment(aborted);
+        tracing::info!(aborted, "abandoned multipart uploads aborted");
+    }
+    let objects: Vec<_> = state
+        .store
+        .list_with_times()
+        .await?
+        .into_iter()
+        // Upload records are removed with their upload, above.
+        .filter(|(path, _)| {
+            path.parts()
+                .next()
+                .is_none_or(|p| p.as_ref() != crate::store::UPLOAD_MARKERS)
+        })
+        .collect();
     let mut oldest_ms = 0i64;
     let mut deleted = 0u64;
     // Objects past the TTL by more than one sweep interval mean deletion is failing: alert.

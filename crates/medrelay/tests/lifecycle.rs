@@ -1613,3 +1613,86 @@ mod failures {
         app.stop().await;
     }
 }
+
+mod abandoned_uploads {
+    //! An upload a crash interrupted: parts S3 keeps out of its listing, or a staging file.
+    use super::*;
+    use medrelay::store::{ObjectKind, Store};
+
+    on_every_backend!(an_upload_interrupted_by_a_crash_is_cleaned_after_the_ttl);
+
+    /// Incomplete multipart uploads in the test bucket (moto answers unsigned requests).
+    async fn incomplete_uploads(app: &TestApp) -> usize {
+        let bucket = app
+            .settings
+            .storage_url
+            .as_deref()
+            .unwrap()
+            .trim_start_matches("s3://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap();
+        let xml = reqwest::get(format!("{endpoint}/{bucket}?uploads"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        xml.matches("<UploadId>").count()
+    }
+
+    async fn an_upload_interrupted_by_a_crash_is_cleaned_after_the_ttl(backend: Backend) {
+        let app = TestApp::spawn_with(backend, |s| {
+            s.temp_ttl = Duration::from_secs(1);
+            s.sweep_interval = Duration::from_millis(200);
+        })
+        .await;
+        let store = app.state().store.clone();
+        let path = Store::object_path(
+            "0123456789abcdef0123456789abcdef",
+            "interrupted",
+            ObjectKind::Document,
+        );
+        let mut writer = store.writer(&path);
+        writer
+            .write(bytes::Bytes::from(vec![7u8; 6 * 1024 * 1024]))
+            .await
+            .unwrap();
+        // The process "crashes": the writer is neither finished nor aborted.
+        drop(writer);
+        if backend.s3() {
+            assert_eq!(
+                incomplete_uploads(&app).await,
+                1,
+                "a multipart upload is open"
+            );
+        } else {
+            let staged = common::walk(&app.data_dir.path().join("objects"))
+                .into_iter()
+                .filter(|p| p.to_string_lossy().contains('#'))
+                .count();
+            assert_eq!(staged, 1, "a staging file is there");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = if backend.s3() {
+                incomplete_uploads(&app).await
+            } else {
+                common::walk(&app.data_dir.path().join("objects")).len()
+            };
+            if left == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{left} left behind: {:?}",
+                common::walk(&app.data_dir.path().join("objects"))
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        app.assert_store_empties().await;
+        app.stop().await;
+    }
+}
