@@ -434,3 +434,66 @@ async fn a_pdf_too_large_for_one_request_is_split_by_size() {
     assert_eq!(pages, 3);
     app.stop().await;
 }
+
+#[test]
+fn recorded_answers_map_as_documented() {
+    use medrelay::processor::anthropic::{classify_error, parse_answer};
+    use medrelay::processor::{ProcessError, Refusal};
+    use reqwest::StatusCode;
+    use reqwest::header::HeaderMap;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/anthropic");
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let none = HeaderMap::new();
+    let retry = |status: u16, file: &str| {
+        matches!(
+            classify_error(StatusCode::from_u16(status).unwrap(), &none, &read(file)),
+            ProcessError::Retry { .. }
+        )
+    };
+    let abort = |status: u16, file: &str| match classify_error(
+        StatusCode::from_u16(status).unwrap(),
+        &none,
+        &read(file),
+    ) {
+        ProcessError::Abort(r) => Some(r),
+        _ => None,
+    };
+    assert!(retry(529, "overloaded_529.json"));
+    assert!(retry(429, "rate_limit_429.json"));
+    assert!(retry(500, "api_error_500.json"));
+    assert_eq!(
+        abort(429, "spend_limit_429.json"),
+        Some(Refusal::ServiceUnavailable)
+    );
+    assert_eq!(
+        abort(400, "invalid_request_400.json"),
+        Some(Refusal::Rejected)
+    );
+    assert_eq!(
+        abort(401, "authentication_401.json"),
+        Some(Refusal::ServiceUnavailable)
+    );
+    assert_eq!(
+        abort(413, "request_too_large_413.json"),
+        Some(Refusal::TooComplex)
+    );
+    let result = parse_answer(&read("tool_use_200.json")).unwrap();
+    let json = serde_json::to_value(&result).unwrap();
+    assert_eq!(json["document"]["type"], "lab_report");
+    assert_eq!(json["lab_results"][0]["flag"], "low");
+    assert_eq!(json["medications"][0]["dose"], "325 mg");
+    assert_eq!(json["diagnoses"][0]["code_system"], "ICD-10");
+    // The provider's own words never reach a job's error.
+    for file in ["invalid_request_400.json", "spend_limit_429.json"] {
+        let status = if file.contains("400") { 400 } else { 429 };
+        if let ProcessError::Abort(r) =
+            classify_error(StatusCode::from_u16(status).unwrap(), &none, &read(file))
+        {
+            let message = r.job_error().message;
+            assert!(
+                !message.contains("PDF specified") && !message.contains("workspace"),
+                "{message}"
+            );
+        }
+    }
+}

@@ -321,12 +321,49 @@ async fn concurrent_claims_never_share_a_job(db: &Db) {
     assert_eq!(seen.len(), 40);
 }
 
+/// Tombstones (ids, times, reason) stay a day, then go.
+async fn tombstones_last_a_day(db: &Db) {
+    let (old, fresh) = (
+        format!("old-{}", uuid::Uuid::new_v4()),
+        format!("fresh-{}", uuid::Uuid::new_v4()),
+    );
+    for id in [&old, &fresh] {
+        insert(db, id).await;
+        assert!(
+            db.tombstone_job("u", id, "expired")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let row = db.get_job_by_id(id).await.unwrap().unwrap();
+        assert!(row.document_dek.is_none() && row.result.is_none() && row.error_message.is_none());
+    }
+    let day = 24 * 3600 * 1000;
+    set(
+        db,
+        &old,
+        &format!("deleted_at = {}", now_millis() - day - 1000),
+    )
+    .await;
+    db.drop_tombstones(now_millis() - day).await.unwrap();
+    assert!(db.get_job_by_id(&old).await.unwrap().is_none());
+    assert!(db.get_job_by_id(&fresh).await.unwrap().is_some());
+    // Deleting again is a no-op, not an error.
+    assert!(
+        db.tombstone_job("u", &fresh, "deleted")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rescue_rules_hold_on_sqlite() {
     let (db, _dir) = sqlite().await;
     rescue_table(&db).await;
     completion_racing_a_rescue(&db).await;
     concurrent_claims_never_share_a_job(&db).await;
+    tombstones_last_a_day(&db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,6 +372,7 @@ async fn rescue_rules_hold_on_postgres() {
     rescue_table(&db).await;
     completion_racing_a_rescue(&db).await;
     concurrent_claims_never_share_a_job(&db).await;
+    tombstones_last_a_day(&db).await;
     db.close().await;
     common::drop_postgres(&name).await;
 }
