@@ -1660,20 +1660,27 @@ mod abandoned_uploads {
             .write(bytes::Bytes::from(vec![7u8; 6 * 1024 * 1024]))
             .await
             .unwrap();
-        // The process "crashes": the writer is neither finished nor aborted.
-        drop(writer);
-        if backend.s3() {
-            assert_eq!(
-                incomplete_uploads(&app).await,
-                1,
-                "a multipart upload is open"
+        // The process "crashes": the writer is neither finished, aborted nor dropped (a drop
+        // would let object_store clean its staging file; a SIGKILL does not).
+        std::mem::forget(writer);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let open = if backend.s3() {
+                incomplete_uploads(&app).await
+            } else {
+                common::walk(&app.data_dir.path().join("objects"))
+                    .into_iter()
+                    .filter(|p| p.to_string_lossy().contains('#'))
+                    .count()
+            };
+            if open == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no upload in progress to abandon"
             );
-        } else {
-            let staged = common::walk(&app.data_dir.path().join("objects"))
-                .into_iter()
-                .filter(|p| p.to_string_lossy().contains('#'))
-                .count();
-            assert_eq!(staged, 1, "a staging file is there");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
