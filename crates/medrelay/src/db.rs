@@ -439,17 +439,21 @@ impl Db {
         Ok(done == 1)
     }
 
-    /// Marks a claimed job failed. `false` if the lease was lost.
+    /// Marks a claimed job failed and destroys its document's key. An `unmanaged` failure also
+    /// sets `unmanaged_at`, on which the database's trigger queues a purge of the user. `false`
+    /// if the lease was lost.
     pub async fn fail(
         &self,
         id: &str,
         lease_token: &str,
         error: &JobError,
+        unmanaged: bool,
     ) -> anyhow::Result<bool> {
         let sql = "UPDATE jobs SET status = 'failed', error_code = $1, error_message = $2, \
                    error_retryable = $3, lease_token = NULL, lease_until = NULL, \
                    document_kek = NULL, document_dek = NULL, \
-                   next_attempt_at = NULL, updated_at = $4 \
+                   next_attempt_at = NULL, updated_at = $4, \
+                   unmanaged_at = CASE WHEN $7 THEN $4 ELSE unmanaged_at END \
                    WHERE id = $5 AND lease_token = $6 AND status = 'processing' \
                    AND deleted_at IS NULL";
         let done = on_pool!(self, |p| sqlx::query(sql)
@@ -459,6 +463,7 @@ impl Db {
             .bind(now_millis())
             .bind(id)
             .bind(lease_token)
+            .bind(unmanaged)
             .execute(p)
             .await
             .map(|r| r.rows_affected()))?;
@@ -564,33 +569,6 @@ impl Db {
             .fetch_all(p)
             .await)?;
         Ok(rows)
-    }
-
-    /// Ends a claimed job as an unmanaged failure. Marking `unmanaged_at` makes the database's
-    /// trigger enqueue a purge of the user. `false` if the lease was lost.
-    pub async fn fail_unmanaged(
-        &self,
-        id: &str,
-        lease_token: &str,
-        error: &JobError,
-    ) -> anyhow::Result<bool> {
-        let sql = "UPDATE jobs SET status = 'failed', error_code = $1, error_message = $2, \
-                   error_retryable = $3, lease_token = NULL, lease_until = NULL, \
-                   document_kek = NULL, document_dek = NULL, next_attempt_at = NULL, \
-                   updated_at = $4, unmanaged_at = $4 \
-                   WHERE id = $5 AND lease_token = $6 AND status = 'processing' \
-                   AND deleted_at IS NULL";
-        let done = on_pool!(self, |p| sqlx::query(sql)
-            .bind(&error.code)
-            .bind(&error.message)
-            .bind(error.retryable)
-            .bind(now_millis())
-            .bind(id)
-            .bind(lease_token)
-            .execute(p)
-            .await
-            .map(|r| r.rows_affected()))?;
-        Ok(done == 1)
     }
 
     /// Marks any job's unmanaged failure found outside a claim (a result that fails its

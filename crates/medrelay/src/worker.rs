@@ -304,13 +304,8 @@ async fn finish(
         }
         Err(ProcessError::Unmanaged(cause)) => {
             tracing::error!(error = %format!("{cause:#}"), "unmanaged failure: purging the user");
-            let won = state
-                .db
-                .fail_unmanaged(&row.id, lease_token, &unmanaged_failure())
-                .await?;
+            let won = fail(state, row, lease_token, unmanaged_failure(), "unmanaged").await?;
             if won {
-                metrics::counter!("medrelay_jobs_finished_total", "outcome" => "failed", "reason" => "unmanaged")
-                    .increment(1);
                 // The trigger queued the purge; carry it out now rather than on the next poll.
                 state.wake.notify_one();
             }
@@ -335,7 +330,10 @@ async fn fail(
     error: JobError,
     why: &'static str,
 ) -> anyhow::Result<bool> {
-    let won = state.db.fail(&row.id, lease_token, &error).await?;
+    let won = state
+        .db
+        .fail(&row.id, lease_token, &error, why == "unmanaged")
+        .await?;
     if won {
         metrics::counter!("medrelay_jobs_finished_total", "outcome" => "failed", "reason" => why)
             .increment(1);

@@ -718,19 +718,7 @@ async fn expired_jobs_answer_410_and_their_data_is_gone(backend: Backend) {
     let job = app.upload_ok(&token, png(8, 8), "image/png").await;
     let id = job["id"].as_str().unwrap();
     assert_eq!(app.objects().await.len(), 1);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = app.get_job(&token, id).await;
-        if r.status() == StatusCode::GONE {
-            assert_problem(r, 410, "job-expired").await;
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "job not expired in time"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    app.wait_expired(&token, id, Duration::from_secs(10)).await;
     app.assert_store_empties().await;
     app.stop().await;
 }
@@ -884,18 +872,7 @@ mod encryption {
             .upload_ok(&token, text_pdf(&["Lab Report", MARKER]), "application/pdf")
             .await;
         let id = job["id"].as_str().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let now: Value = app.get_job(&token, id).await.json().await.unwrap();
-            if now["status"] == "processing" {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "never processing: {now}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        app.wait_status(&token, id, "processing").await;
         let stored = everything_stored(&app).await;
         assert!(!stored.is_empty());
         assert_no_plaintext(&stored, &[MARKER.as_bytes(), b"%PDF-", b"Lab Report"]);
@@ -1421,18 +1398,7 @@ mod failures {
             )
             .await;
         let slow_id = slow["id"].as_str().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while app
-            .get_job(&token, slow_id)
-            .await
-            .json::<Value>()
-            .await
-            .unwrap()["status"]
-            != "processing"
-        {
-            assert!(std::time::Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        app.wait_status(&token, slow_id, "processing").await;
         // An unmanaged failure of the same user purges while the first job is mid-flight.
         let bad = app.upload_ok(&token, png(8, 8), "image/png").await;
         app.wait_terminal(&token, bad["id"].as_str().unwrap()).await;
@@ -1488,19 +1454,9 @@ mod failures {
             app.wait_terminal(&token, bad["id"].as_str().unwrap()).await["status"],
             "failed"
         );
-        let started = std::time::Instant::now();
         for job in [&good, &bad] {
-            loop {
-                let r = app.get_job(&token, job["id"].as_str().unwrap()).await;
-                if r.status() == StatusCode::GONE {
-                    break;
-                }
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "a finished job outlived its TTL"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            app.wait_expired(&token, job["id"].as_str().unwrap(), Duration::from_secs(10))
+                .await;
         }
         let list: Value = app
             .http
@@ -1578,28 +1534,9 @@ mod failures {
         let token = app.token("ttl");
         let processing = app.upload_ok(&token, png(8, 8), "image/png").await;
         let id = processing["id"].as_str().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let now: Value = app.get_job(&token, id).await.json().await.unwrap();
-            if now["status"] == "processing" {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        app.wait_status(&token, id, "processing").await;
         assert_eq!(app.state().running.len(), 1);
-        let started = std::time::Instant::now();
-        loop {
-            let r = app.get_job(&token, id).await;
-            if r.status() == StatusCode::GONE {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "a processing job outlived its TTL"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        app.wait_expired(&token, id, Duration::from_secs(10)).await;
         // The stuck attempt was cancelled, not left holding a worker slot.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !app.state().running.is_empty() {

@@ -210,7 +210,7 @@ async fn rescue_table(db: &Db) {
                 case.name
             );
             assert!(
-                !db.fail(&id, "first", &error()).await.unwrap(),
+                !db.fail(&id, "first", &error(), false).await.unwrap(),
                 "{}",
                 case.name
             );

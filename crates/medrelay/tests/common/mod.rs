@@ -307,6 +307,33 @@ impl TestApp {
         }
     }
 
+    /// Polls until the job has `status`, with a deadline; returns it.
+    pub async fn wait_status(&self, token: &str, id: &str, status: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let job: Value = self.get_job(token, id).await.json().await.unwrap();
+            if job["status"] == status {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "job {id} never {status}: {job}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls until the job answers 410 `job-expired`, which must happen `within`.
+    pub async fn wait_expired(&self, token: &str, id: &str, within: Duration) {
+        let started = Instant::now();
+        loop {
+            let response = self.get_job(token, id).await;
+            if response.status() == StatusCode::GONE {
+                assert_problem(response, 410, "job-expired").await;
+                return;
+            }
+            assert!(started.elapsed() < within, "job {id} outlived its TTL");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Every object in the store (keys and sizes).
     pub async fn objects(&self) -> Vec<String> {
         self.state()
