@@ -124,6 +124,10 @@ impl RunningJobs {
         self.lock().remove(job_id);
     }
 
+    pub fn contains(&self, job_id: &str) -> bool {
+        self.lock().contains_key(job_id)
+    }
+
     /// Stops one job; returns whether it was running here.
     pub fn cancel(&self, job_id: &str) -> bool {
         match self.lock().get(job_id) {
@@ -183,7 +187,10 @@ async fn relay_notifications(state: AppState, shutdown: CancellationToken) -> an
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     got = listener.recv() => match got {
-                        Ok(note) => state.publish(note.payload()),
+                        Ok(note) => {
+                            state.publish(note.payload());
+                            stop_if_ended_elsewhere(&state, note.payload());
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "job notifications interrupted; reconnecting");
                             break;
@@ -198,6 +205,23 @@ async fn relay_notifications(state: AppState, shutdown: CancellationToken) -> an
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
         }
     }
+}
+
+/// A job running here that another instance deleted, expired or purged is stopped at once,
+/// not at its next heartbeat: its document must not reach a provider after the delete.
+fn stop_if_ended_elsewhere(state: &AppState, job_id: &str) {
+    if !state.running.contains(job_id) {
+        return;
+    }
+    let state = state.clone();
+    let job_id = job_id.to_owned();
+    tokio::spawn(async move {
+        if let Ok(Some(row)) = state.db.get_job_by_id(&job_id).await
+            && (row.deleted_at.is_some() || row.status != "processing")
+        {
+            state.running.cancel(&job_id);
+        }
+    });
 }
 
 /// A started medrelay: its address and the handle to stop it.

@@ -349,10 +349,11 @@ impl Db {
     /// The caller's live jobs, newest first.
     pub async fn list_jobs(&self, user_id: &str, limit: i64) -> anyhow::Result<Vec<JobRow>> {
         let sql = "SELECT * FROM jobs WHERE user_id = $1 AND deleted_at IS NULL \
-                   ORDER BY created_at DESC, id DESC LIMIT $2";
+                   AND expires_at > $3 ORDER BY created_at DESC, id DESC LIMIT $2";
         let rows = on_pool!(self, |p| sqlx::query_as::<_, JobRow>(sql)
             .bind(user_id)
             .bind(limit)
+            .bind(now_millis())
             .fetch_all(p)
             .await)?;
         Ok(rows)
@@ -425,7 +426,7 @@ impl Db {
                    result_dek = $6, document_kek = NULL, document_dek = NULL, lease_token = NULL, \
                    lease_until = NULL, next_attempt_at = NULL, updated_at = $2 \
                    WHERE id = $3 AND lease_token = $4 AND status = 'processing' \
-                   AND deleted_at IS NULL";
+                   AND deleted_at IS NULL AND expires_at > $2";
         let done = on_pool!(self, |p| sqlx::query(sql)
             .bind(result)
             .bind(now_millis())
@@ -492,11 +493,13 @@ impl Db {
         Ok(done == 1)
     }
 
-    /// Releases the lease of a job this instance will not finish (shutdown), so that another
-    /// instance can take it at once. The attempt stays counted.
+    /// Hands a job this instance will not finish (shutdown) back to the queue, so that another
+    /// instance takes it at once. A graceful hand-back does not use up an attempt: a deploy
+    /// must not exhaust a job's retries (a crash, which cannot hand back, still counts).
     pub async fn release(&self, id: &str, lease_token: &str) -> anyhow::Result<bool> {
-        let sql = "UPDATE jobs SET lease_until = 0 WHERE id = $1 AND lease_token = $2 \
-                   AND status = 'processing'";
+        let sql = "UPDATE jobs SET status = 'queued', attempts = attempts - 1, run_at = 0, \
+                   lease_token = NULL, lease_until = NULL \
+                   WHERE id = $1 AND lease_token = $2 AND status = 'processing'";
         let done = on_pool!(self, |p| sqlx::query(sql)
             .bind(id)
             .bind(lease_token)

@@ -22,7 +22,7 @@ use crate::app::AppState;
 use crate::crypto::{self, Binding, WrappedKey};
 use crate::db::{self, JobRow};
 use crate::model::JobError;
-use crate::processor::{Document, MediaType, ProcessError};
+use crate::processor::{Document, MediaType, ProcessError, Refusal};
 use crate::store::{ObjectKind, Store};
 
 /// Runs until `shutdown`, then drains in-flight jobs for the grace period and releases the
@@ -190,7 +190,9 @@ async fn attempt(state: &AppState, row: &JobRow) -> Result<SealedResult, Process
                 .downcast_ref::<object_store::Error>()
                 .is_some_and(|e| matches!(e, object_store::Error::NotFound { .. }));
             return Err(if missing {
-                ProcessError::Unmanaged(anyhow::anyhow!("the job's document is missing"))
+                // A delete of the user's data can race an upload's commit: an ordinary failure,
+                // not a reason to purge everything of the user.
+                ProcessError::Abort(Refusal::Missing)
             } else {
                 ProcessError::Retry {
                     reason: format!("reading the document: {e:#}"),

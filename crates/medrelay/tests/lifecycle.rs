@@ -1640,3 +1640,60 @@ mod abandoned_uploads {
         app.stop().await;
     }
 }
+
+mod review_fixes {
+    //! Behaviour at the edges found in review.
+    use super::*;
+
+    on_every_backend!(
+        a_replayed_idempotency_key_returns_the_finished_job_with_its_result,
+        a_job_past_its_lifetime_is_gone_before_the_sweeper_runs,
+    );
+
+    async fn a_replayed_idempotency_key_returns_the_finished_job_with_its_result(backend: Backend) {
+        let app = TestApp::spawn(backend).await;
+        let token = app.token("replay");
+        let send = || {
+            app.http
+                .post(app.url("/v1/documents"))
+                .bearer_auth(&token)
+                .header("idempotency-key", "same")
+                .body(corpus_file("001-trivial--minimal-document.pdf"))
+                .send()
+        };
+        let first: Value = send().await.unwrap().json().await.unwrap();
+        app.wait_terminal(&token, first["id"].as_str().unwrap())
+            .await;
+        let again: Value = send().await.unwrap().json().await.unwrap();
+        assert_eq!(again["id"], first["id"]);
+        assert_eq!(again["status"], "succeeded");
+        assert_eq!(again["result"]["document"]["page_count"], 1, "{again}");
+        app.stop().await;
+    }
+
+    async fn a_job_past_its_lifetime_is_gone_before_the_sweeper_runs(backend: Backend) {
+        let app = TestApp::spawn_with(backend, |s| {
+            s.temp_ttl = Duration::from_secs(1);
+            s.sweep_interval = Duration::from_secs(3600);
+        })
+        .await;
+        let token = app.token("late");
+        let job = app.upload_ok(&token, png(8, 8), "image/png").await;
+        let id = job["id"].as_str().unwrap();
+        app.wait_terminal(&token, id).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_problem(app.get_job(&token, id).await, 410, "job-expired").await;
+        let list: Value = app
+            .http
+            .get(app.url("/v1/jobs"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(list["jobs"].as_array().unwrap().is_empty());
+        app.stop().await;
+    }
+}

@@ -132,7 +132,7 @@ pub async fn create_document(
             row
         }
     };
-    Ok(accepted(row.to_job()))
+    Ok(accepted(super::jobs::job_of(&state, &row)?))
 }
 
 enum Received {
@@ -180,7 +180,9 @@ async fn receive(
             .await
             .map_err(ApiError::unavailable)?
     {
-        return Ok(Received::Existing(Box::new(existing.to_job())));
+        return Ok(Received::Existing(Box::new(super::jobs::job_of(
+            state, &existing,
+        )?)));
     }
 
     let job_id = uuid::Uuid::now_v7().to_string();

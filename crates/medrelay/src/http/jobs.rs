@@ -56,8 +56,14 @@ pub(crate) fn job_of(state: &AppState, row: &JobRow) -> Result<Job, ApiError> {
                 return Err(ApiError::internal(integrity));
             }
         };
+        // serde's message may quote a value of the result: log its position only.
         let result: DocumentResult = serde_json::from_slice(&json).map_err(|e| {
-            ApiError::internal(anyhow::anyhow!("a stored result is unreadable: {e}"))
+            ApiError::internal(anyhow::anyhow!(
+                "a stored result does not decode ({:?} at line {} column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
         })?;
         job.result = Some(result);
     }
@@ -73,6 +79,10 @@ async fn live_job(state: &AppState, user: &User, id: &str) -> Result<JobRow, Api
         .map_err(ApiError::unavailable)?
         .ok_or(ApiError::JobNotFound)?;
     match row.deleted_reason.as_deref() {
+        // Past its lifetime but not yet swept: already gone as far as the app is concerned.
+        None if row.deleted_at.is_none() && row.expires_at <= crate::db::now_millis() => {
+            Err(ApiError::JobExpired)
+        }
         None if row.deleted_at.is_none() => Ok(row),
         Some("expired") => Err(ApiError::JobExpired),
         _ => Err(ApiError::JobNotFound),
@@ -285,6 +295,8 @@ fn job_stream(
         }
         loop {
             let recheck = tokio::select! {
+                // The client left: stop re-reading the job.
+                _ = tx.closed() => return,
                 changed = changes.recv() => match changed {
                     Ok(changed_id) => changed_id == id,
                     Err(RecvError::Lagged(_)) => true,

@@ -135,6 +135,9 @@ async fn problem_for_bare_errors(req: Request, next: Next) -> Response {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge {
             limit: 32 * 1024 * 1024,
         },
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
+            ApiError::unavailable(anyhow::anyhow!("bare {status} response"))
+        }
         s if s.is_server_error() => ApiError::internal(anyhow::anyhow!("bare {s} response")),
         _ => ApiError::BadRequest("the request is malformed"),
     };

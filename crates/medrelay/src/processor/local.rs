@@ -35,8 +35,9 @@ impl Processor for LocalProcessor {
             match tokio::time::timeout(PARSE_DEADLINE, task).await {
                 Ok(Ok(result)) => result,
                 // The blocking task itself panicked outside catch_unwind: a bug of ours.
-                Ok(Err(join)) => Err(ProcessError::Unmanaged(anyhow::anyhow!(
-                    "the local processor task failed: {join}"
+                // Never format the JoinError: a panic's message may quote document content.
+                Ok(Err(_)) => Err(ProcessError::Unmanaged(anyhow::anyhow!(
+                    "the local processor task failed"
                 ))),
                 Err(_) => Err(ProcessError::Abort(Refusal::TooComplex)),
             }

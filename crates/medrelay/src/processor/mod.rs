@@ -49,6 +49,9 @@ pub enum Refusal {
     Rejected,
     /// The provider declined to process the document.
     Refused,
+    /// The document is gone from the store (deleted by the user, or the upload raced a delete
+    /// of all the user's data).
+    Missing,
     /// The provider cannot serve us now (credentials, permissions, spend limit): not the
     /// document's fault, and not worth retrying at once.
     ServiceUnavailable,
@@ -81,6 +84,10 @@ impl Refusal {
                 "document-refused",
                 "We could not process this document. Please make sure it is a medical document and try again.",
             ),
+            Refusal::Missing => (
+                "document-missing",
+                "We no longer have this document. Please upload it again.",
+            ),
             Refusal::ServiceUnavailable => (
                 "service-unavailable",
                 "Reading documents is temporarily unavailable. Please try again later.",
@@ -89,7 +96,7 @@ impl Refusal {
         JobError {
             code: code.into(),
             message: message.into(),
-            retryable: matches!(self, Refusal::ServiceUnavailable),
+            retryable: matches!(self, Refusal::ServiceUnavailable | Refusal::Missing),
         }
     }
 }

@@ -146,8 +146,9 @@ impl Processor for AnthropicProcessor {
                     let bytes = document.bytes.clone();
                     tokio::task::spawn_blocking(move || split_pdf(&bytes))
                         .await
-                        .map_err(|e| {
-                            ProcessError::Unmanaged(anyhow::anyhow!("splitting failed: {e}"))
+                        // Never format the JoinError: a panic's message may quote content.
+                        .map_err(|_| {
+                            ProcessError::Unmanaged(anyhow::anyhow!("splitting the PDF failed"))
                         })??
                         .into_iter()
                         .map(|(pdf, pages)| (pdf_block(&pdf), Some(pages)))
@@ -157,10 +158,8 @@ impl Processor for AnthropicProcessor {
                     let bytes = document.bytes.clone();
                     let prepared = tokio::task::spawn_blocking(move || image_prep::prepare(&bytes))
                         .await
-                        .map_err(|e| {
-                            ProcessError::Unmanaged(anyhow::anyhow!(
-                                "image preparation failed: {e}"
-                            ))
+                        .map_err(|_| {
+                            ProcessError::Unmanaged(anyhow::anyhow!("preparing the photo failed"))
                         })??;
                     vec![(image_block(&prepared.jpeg), Some(1))]
                 }
