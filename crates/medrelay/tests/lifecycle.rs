@@ -262,17 +262,8 @@ async fn unsupported_files_are_refused_and_leave_nothing(backend: Backend) {
         "{problem}"
     );
 
-    let list: Value = app
-        .http
-        .get(app.url("/v1/jobs"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(list["jobs"].as_array().unwrap().len(), 0);
+    let list = app.list_jobs(&token).await;
+    assert_eq!(list.len(), 0);
     app.assert_store_empties().await;
     app.stop().await;
 }
@@ -460,17 +451,8 @@ async fn another_users_job_is_a_404_on_every_route(backend: Backend) {
         assert_eq!(foreign["detail"], foreign_events["detail"]);
         assert_eq!(foreign["detail"], foreign_delete["detail"]);
     }
-    let list: Value = app
-        .http
-        .get(app.url("/v1/jobs"))
-        .bearer_auth(&mallory)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(list["jobs"].as_array().unwrap().is_empty());
+    let list = app.list_jobs(&mallory).await;
+    assert!(list.is_empty());
     // Mallory deleting all of her data leaves Alice's job alone.
     let r = app
         .http
@@ -524,17 +506,8 @@ async fn the_same_idempotency_key_returns_the_same_job(backend: Backend) {
         .unwrap();
     assert_ne!(c["id"], first["id"]);
 
-    let list: Value = app
-        .http
-        .get(app.url("/v1/jobs"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(list["jobs"].as_array().unwrap().len(), 2);
+    let list = app.list_jobs(&token).await;
+    assert_eq!(list.len(), 2);
     for id in [&first["id"], &a["id"]] {
         app.wait_terminal(&token, id.as_str().unwrap()).await;
     }
@@ -562,17 +535,8 @@ async fn deleting_my_data_removes_every_job_and_object(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    let list: Value = app
-        .http
-        .get(app.url("/v1/jobs"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(list["jobs"].as_array().unwrap().is_empty());
+    let list = app.list_jobs(&token).await;
+    assert!(list.is_empty());
     let left = app.objects().await;
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(left[0].contains(kept["id"].as_str().unwrap()));
@@ -598,22 +562,8 @@ async fn jobs_are_listed_newest_first(backend: Backend) {
         ids.push(app.upload_ok(&token, png(4, 4), "image/png").await["id"].clone());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let list: Value = app
-        .http
-        .get(app.url("/v1/jobs"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let listed: Vec<Value> = list["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["id"].clone())
-        .collect();
+    let list = app.list_jobs(&token).await;
+    let listed: Vec<Value> = list.iter().map(|j| j["id"].clone()).collect();
     ids.reverse();
     assert_eq!(listed, ids);
     // A job that is not terminal tells the app when to poll again.
@@ -1458,17 +1408,8 @@ mod failures {
             app.wait_expired(&token, job["id"].as_str().unwrap(), Duration::from_secs(10))
                 .await;
         }
-        let list: Value = app
-            .http
-            .get(app.url("/v1/jobs"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert!(list["jobs"].as_array().unwrap().is_empty());
+        let list = app.list_jobs(&token).await;
+        assert!(list.is_empty());
         app.assert_store_empties().await;
         app.stop().await;
     }
@@ -1683,17 +1624,8 @@ mod review_fixes {
         app.wait_terminal(&token, id).await;
         tokio::time::sleep(Duration::from_millis(1100)).await;
         assert_problem(app.get_job(&token, id).await, 410, "job-expired").await;
-        let list: Value = app
-            .http
-            .get(app.url("/v1/jobs"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert!(list["jobs"].as_array().unwrap().is_empty());
+        let list = app.list_jobs(&token).await;
+        assert!(list.is_empty());
         app.stop().await;
     }
 }

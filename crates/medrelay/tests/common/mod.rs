@@ -307,6 +307,21 @@ impl TestApp {
         }
     }
 
+    /// `GET /v1/jobs` as this token's user: the `jobs` list.
+    pub async fn list_jobs(&self, token: &str) -> Vec<Value> {
+        let list: Value = self
+            .http
+            .get(self.url("/v1/jobs"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("list request")
+            .json()
+            .await
+            .expect("a job list");
+        list["jobs"].as_array().expect("a jobs array").clone()
+    }
+
     /// Polls until the job has `status`, with a deadline; returns it.
     pub async fn wait_status(&self, token: &str, id: &str, status: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(20);
