@@ -336,6 +336,25 @@ impl Db {
         Ok(row)
     }
 
+    /// A job of this user, live or tombstoned. Tombstones keep the opaque user prefix instead
+    /// of the user id, so they are found by that.
+    pub async fn get_job_or_tombstone(
+        &self,
+        user_id: &str,
+        user_prefix: &str,
+        id: &str,
+    ) -> anyhow::Result<Option<JobRow>> {
+        let sql = "SELECT * FROM jobs WHERE id = $1 \
+                   AND (user_id = $2 OR (deleted_at IS NOT NULL AND user_id = $3))";
+        let row = on_pool!(self, |p| sqlx::query_as::<_, JobRow>(sql)
+            .bind(id)
+            .bind(user_id)
+            .bind(user_prefix)
+            .fetch_optional(p)
+            .await)?;
+        Ok(row)
+    }
+
     /// Any job by id (workers and the sweeper).
     pub async fn get_job_by_id(&self, id: &str) -> anyhow::Result<Option<JobRow>> {
         let sql = "SELECT * FROM jobs WHERE id = $1";
@@ -509,8 +528,8 @@ impl Db {
         Ok(done == 1)
     }
 
-    /// Turns a job of this user into a PHI-free tombstone: result, error text and lease are
-    /// dropped. Returns the row as it was, or `None` if there was no live job.
+    /// Turns a job of this user into a PHI-free tombstone: result, error text, keys and lease
+    /// are dropped, and the user id is replaced by the opaque user prefix. Returns the row as it was, or `None` if there was no live job.
     pub async fn tombstone_job(
         &self,
         user_id: &str,
@@ -524,7 +543,7 @@ impl Db {
         let sql = "UPDATE jobs SET deleted_at = $1, deleted_reason = $2, result = NULL, \
                    error_message = NULL, idempotency_key = NULL, lease_token = NULL, \
                    lease_until = NULL, updated_at = $1, document_kek = NULL, document_dek = NULL, \
-                   result_kek = NULL, result_dek = NULL \
+                   result_kek = NULL, result_dek = NULL, user_id = user_prefix \
                    WHERE id = $3 AND user_id = $4 AND deleted_at IS NULL";
         let done = on_pool!(self, |p| sqlx::query(sql)
             .bind(now_millis())
@@ -542,7 +561,7 @@ impl Db {
         let sql = "UPDATE jobs SET deleted_at = $1, deleted_reason = $2, result = NULL, \
                    error_message = NULL, idempotency_key = NULL, lease_token = NULL, \
                    lease_until = NULL, updated_at = $1, document_kek = NULL, document_dek = NULL, \
-                   result_kek = NULL, result_dek = NULL \
+                   result_kek = NULL, result_dek = NULL, user_id = user_prefix \
                    WHERE user_id = $3 AND deleted_at IS NULL";
         let done = on_pool!(self, |p| sqlx::query(sql)
             .bind(now_millis())

@@ -522,8 +522,9 @@ async fn deleting_my_data_removes_every_job_and_object(backend: Backend) {
     let app = TestApp::spawn_with(backend, |s| s.roles.worker = false).await;
     let token = app.token("leaving");
     let other = app.token("staying");
+    let mut gone = Vec::new();
     for _ in 0..3 {
-        app.upload_ok(&token, png(8, 8), "image/png").await;
+        gone.push(app.upload_ok(&token, png(8, 8), "image/png").await["id"].clone());
     }
     let kept = app.upload_ok(&other, png(8, 8), "image/png").await;
     assert_eq!(app.objects().await.len(), 4);
@@ -537,6 +538,18 @@ async fn deleting_my_data_removes_every_job_and_object(backend: Backend) {
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     let list = app.list_jobs(&token).await;
     assert!(list.is_empty());
+    // What remains for a day is a tombstone without the user id, keys or content.
+    for id in &gone {
+        let row = app
+            .state()
+            .db
+            .get_job_by_id(id.as_str().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(row.user_id, "leaving");
+        assert!(row.document_dek.is_none() && row.result.is_none());
+    }
     let left = app.objects().await;
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(left[0].contains(kept["id"].as_str().unwrap()));

@@ -337,6 +337,10 @@ async fn tombstones_last_a_day(db: &Db) {
         );
         let row = db.get_job_by_id(id).await.unwrap().unwrap();
         assert!(row.document_dek.is_none() && row.result.is_none() && row.error_message.is_none());
+        assert_eq!(
+            row.user_id, "p",
+            "a tombstone keeps the opaque prefix, not the user id"
+        );
     }
     let day = 24 * 3600 * 1000;
     set(

@@ -74,7 +74,7 @@ pub(crate) fn job_of(state: &AppState, row: &JobRow) -> Result<Job, ApiError> {
 async fn live_job(state: &AppState, user: &User, id: &str) -> Result<JobRow, ApiError> {
     let row = state
         .db
-        .get_job(&user.id, id)
+        .get_job_or_tombstone(&user.id, &state.user_prefix(&user.id), id)
         .await
         .map_err(ApiError::unavailable)?
         .ok_or(ApiError::JobNotFound)?;
@@ -195,7 +195,7 @@ pub async fn delete_job(
             // Deleting what this user already deleted (or what expired) is success.
             return match state
                 .db
-                .get_job(&user.id, &id)
+                .get_job_or_tombstone(&user.id, &state.user_prefix(&user.id), &id)
                 .await
                 .map_err(ApiError::unavailable)?
             {
