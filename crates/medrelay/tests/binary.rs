@@ -123,6 +123,20 @@ impl Server {
         }
     }
 
+    /// `GET /v1/jobs` as this token's user: the `jobs` list.
+    async fn list_jobs(&self, token: &str) -> Vec<Value> {
+        let list: Value = reqwest::Client::new()
+            .get(format!("{}/v1/jobs", self.addr))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["jobs"].as_array().unwrap().clone()
+    }
+
     /// Peak and current resident memory of the server, in KiB.
     fn memory_kib(&self) -> (u64, u64) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -485,26 +499,10 @@ async fn purge_user_deletes_every_byte_of_one_user() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("deleted 2 jobs"));
     assert_eq!(count(&objects), 1);
-    let list: Value = http
-        .get(format!("{}/v1/jobs", server.addr))
-        .bearer_auth(&gone)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(list["jobs"].as_array().unwrap().is_empty());
-    let list: Value = http
-        .get(format!("{}/v1/jobs", server.addr))
-        .bearer_auth(&kept)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+    let list = server.list_jobs(&gone).await;
+    assert!(list.is_empty());
+    let list = server.list_jobs(&kept).await;
+    assert_eq!(list.len(), 1);
     assert!(server.terminate().success());
 }
 

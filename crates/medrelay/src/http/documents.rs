@@ -77,14 +77,14 @@ pub async fn create_document(
 
     let body = SharedBody::new(request.into_body().into_data_stream());
     let stored = receive(&state, &user, &headers, multipart, body.clone()).await;
-    let (stored, path, user_prefix, job_id, idempotency_key) = match stored {
-        Ok(Received::Stored {
-            stored,
-            path,
-            user_prefix,
-            job_id,
-            idempotency_key,
-        }) => (stored, path, user_prefix, job_id, idempotency_key),
+    let Upload {
+        stored,
+        path,
+        user_prefix,
+        job_id,
+        idempotency_key,
+    } = match stored {
+        Ok(Received::Stored(upload)) => upload,
         Ok(Received::Existing(job)) => {
             body.drain_in_background();
             return Ok(accepted(*job));
@@ -135,14 +135,17 @@ pub async fn create_document(
     Ok(accepted(super::jobs::job_of(&state, &row)?))
 }
 
+/// A document stored in the object store, waiting for its job row.
+struct Upload {
+    stored: Stored,
+    path: object_store::path::Path,
+    user_prefix: String,
+    job_id: String,
+    idempotency_key: Option<String>,
+}
+
 enum Received {
-    Stored {
-        stored: Stored,
-        path: object_store::path::Path,
-        user_prefix: String,
-        job_id: String,
-        idempotency_key: Option<String>,
-    },
+    Stored(Upload),
     Existing(Box<Job>),
 }
 
@@ -219,13 +222,13 @@ async fn receive(
     } else {
         ingest(state, &path, &binding, body, limit).await?
     };
-    Ok(Received::Stored {
+    Ok(Received::Stored(Upload {
         stored,
         path,
         user_prefix,
         job_id,
         idempotency_key,
-    })
+    }))
 }
 
 /// The request body, shared so that what the handler did not read can be drained after the
