@@ -119,8 +119,9 @@ impl Store {
                 parts: Vec::new(),
             }),
             None => Inner::Buffered(
+                // One part in flight: an abort then has at most one blocking write to outlive.
                 BufWriter::with_capacity(self.inner.clone(), path.clone(), 256 * 1024)
-                    .with_max_concurrency(2),
+                    .with_max_concurrency(1),
             ),
         };
         ObjectWriter {
@@ -132,8 +133,8 @@ impl Store {
         }
     }
 
-    /// Deletes staging files of the local folder (`name#n`, an upload a crash interrupted)
-    /// and empty folders, when older than `older_than_ms`. object_store's listing hides both.
+    /// Deletes staging files of the local folder (`name#n`, an upload a crash interrupted) and
+    /// empty folders, when older than `older_than_ms`. object_store's listing hides both.
     pub fn sweep_local_staging(&self, now_ms: i64, older_than_ms: i64) -> u64 {
         let Some(root) = &self.local_root else {
             return 0;
@@ -167,7 +168,8 @@ impl Store {
                 }
             }
         }
-        // Deepest first; a folder still in use is younger than the TTL or not empty.
+        // Deepest first, and only folders untouched for the TTL: a fresh empty folder may be
+        // one an upload just created and is about to fsync and fill.
         dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
         for dir in dirs {
             if std::fs::metadata(&dir).is_ok_and(|m| age(&m) >= older_than_ms) {
@@ -449,7 +451,20 @@ impl ObjectWriter {
             tracing::warn!(error = %format!("{e:#}"), "aborting an upload failed; the sweeper will remove it");
         }
         if let Some((root, path)) = self.prune.take() {
-            prune_empty_parents(&root, &path);
+            // A part write already handed to a blocking thread cannot be cancelled and may
+            // remove its staging file only after the abort returned: prune until the job's
+            // folder is gone (bounded; the sweeper removes whatever is still left).
+            let job_dir = path
+                .parts()
+                .take(path.parts().count().saturating_sub(1))
+                .fold(root.clone(), |dir, part| dir.join(part.as_ref()));
+            for _ in 0..20 {
+                prune_empty_parents(&root, &path);
+                if !job_dir.exists() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
         }
     }
 }

@@ -361,23 +361,27 @@ impl TestApp {
             .collect()
     }
 
-    /// Polls until the store is empty, with a deadline (deletes follow commits).
+    /// Polls until the store is empty, and on a local folder until no file or folder is left,
+    /// with a deadline (deletes follow commits, and folders go with their last file).
     pub async fn assert_store_empties(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
+        let local = matches!(
+            self.backend,
+            Backend::SqliteFolder | Backend::PostgresFolder
+        );
         loop {
             let objects = self.objects().await;
-            if objects.is_empty() {
-                if self.backend == Backend::SqliteFolder || self.backend == Backend::PostgresFolder
-                {
-                    let dir = self.data_dir.path().join("objects");
-                    let left: Vec<_> = walk(&dir);
-                    assert!(left.is_empty(), "files left in the object folder: {left:?}");
-                }
+            let left = if local {
+                walk(&self.data_dir.path().join("objects"))
+            } else {
+                Vec::new()
+            };
+            if objects.is_empty() && left.is_empty() {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "objects left behind: {objects:?}"
+                "left behind: objects {objects:?}, files in the object folder {left:?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
