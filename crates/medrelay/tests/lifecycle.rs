@@ -1489,7 +1489,15 @@ mod failures {
         let processing = app.upload_ok(&token, png(8, 8), "image/png").await;
         let id = processing["id"].as_str().unwrap();
         app.wait_status(&token, id, "processing").await;
-        assert_eq!(app.state().running.len(), 1);
+        // The claim commits `processing` a moment before the worker's task registers the job.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while app.state().running.len() != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the processing job never held a worker slot"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         app.wait_expired(&token, id, Duration::from_secs(10)).await;
         // The stuck attempt was cancelled, not left holding a worker slot.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
