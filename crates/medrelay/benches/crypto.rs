@@ -247,7 +247,7 @@ async fn http_ingest(upload: &[u8]) -> HttpIngest {
         .auth
         .mint("bench", Duration::from_secs(3600))
         .unwrap();
-    let store = running.state.store.clone();
+    let store = running.state.lifecycle.store().clone();
     let plain_route = axum::Router::new().route(
         "/plain",
         axum::routing::post(move |body: axum::body::Body| {

@@ -57,7 +57,10 @@ async fn measure(name: &str, url: &str, total: usize) {
     let list_all = started.elapsed();
 
     let started = Instant::now();
-    let deleted = store.delete_prefix(&format!("a/{user}")).await.unwrap();
+    let deleted = store
+        .delete_prefix(&format!("a/{user}").into())
+        .await
+        .unwrap();
     let per_user_purge = started.elapsed();
     assert_eq!(deleted as usize, USER);
 
@@ -104,8 +107,8 @@ async fn measure(name: &str, url: &str, total: usize) {
         shared_keyed_purge.as_secs_f64() / per_user_purge.as_secs_f64(),
         list_all.as_secs_f64()
     );
-    store.delete_prefix("a").await.unwrap();
-    store.delete_prefix("b").await.unwrap();
+    store.delete_prefix(&"a".into()).await.unwrap();
+    store.delete_prefix(&"b".into()).await.unwrap();
 }
 
 fn main() {

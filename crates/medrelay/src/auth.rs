@@ -16,6 +16,7 @@ use tokio::sync::RwLock;
 
 use crate::config::Settings;
 use crate::error::ApiError;
+use crate::ids::UserId;
 use crate::keys::{self, KeyBytes};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -29,7 +30,7 @@ pub struct Claims {
 /// The authenticated caller of a `/v1` route.
 #[derive(Debug, Clone)]
 pub struct User {
-    pub id: String,
+    pub id: UserId,
 }
 
 /// Checks tokens. Cheap to clone.
@@ -110,7 +111,7 @@ impl Authenticator {
             .as_ref()
             .context("no HS256 secret is configured, so medrelay cannot mint tokens")?;
         anyhow::ensure!(!user.trim().is_empty(), "the user id must not be empty");
-        let now = jsonwebtoken::get_current_timestamp();
+        let now = crate::clock::now_secs();
         let claims = Claims {
             sub: user.to_owned(),
             iat: Some(now),
@@ -155,7 +156,9 @@ impl Authenticator {
         if sub.is_empty() || sub.len() > 256 {
             return Err(ApiError::Unauthorized);
         }
-        Ok(User { id: sub.to_owned() })
+        Ok(User {
+            id: UserId::from_raw(sub),
+        })
     }
 }
 

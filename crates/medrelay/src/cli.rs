@@ -1,5 +1,7 @@
 //! The command line: `serve | token | process FILE | purge-user ID | openapi`, plus flags for
-//! the settings of api.md. Uses `anyhow` at the top; prints results to stdout, logs to stderr.
+//! the settings of api.md. Part of the binary, not the library: it is the one importer of the
+//! composition root (`medrelay::app`). Uses `anyhow` at the top; prints results to stdout,
+//! logs to stderr.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -7,9 +9,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-
-use crate::config::{Overrides, ProcessorKind, Settings, duration};
-use crate::processor::{Document, ProcessError, Sniffed, sniff};
+use medrelay::config::{Overrides, Settings, duration};
+use medrelay::ids::UserId;
+use medrelay::model::DeletionReason;
+use medrelay::processor::{Document, ProcessError, Sniffed, sniff};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -87,23 +90,26 @@ impl Cli {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Openapi => {
-            let text = serde_json::to_string_pretty(&crate::http::openapi())?;
+            let text = serde_json::to_string_pretty(&medrelay::http::openapi())?;
             println!("{text}");
             Ok(())
         }
         Command::Serve => serve(cli.settings()?).await,
         Command::Token { user, ttl } => {
             let settings = cli.settings()?;
-            let auth = crate::auth::Authenticator::new(&settings)?;
+            let auth = medrelay::auth::Authenticator::new(&settings)?;
             println!("{}", auth.mint(user, *ttl)?);
             Ok(())
         }
         Command::Process { file } => process(cli.settings()?, file).await,
         Command::PurgeUser { id } => {
             let settings = cli.settings()?;
-            let state = crate::app::AppState::new(settings).await?;
-            let (jobs, objects) = crate::http::purge_user(&state, id, "operator").await?;
-            state.db.close().await;
+            let state = medrelay::app::build_state(settings).await?;
+            let lifecycle = &state.lifecycle;
+            let (jobs, objects) = lifecycle
+                .delete_user_data(&UserId::from_raw(id.as_str()), DeletionReason::Operator)
+                .await?;
+            lifecycle.db().close().await;
             println!("deleted {jobs} jobs and {objects} objects");
             Ok(())
         }
@@ -111,9 +117,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    crate::telemetry::init(&settings.log_format);
+    medrelay::telemetry::init(&settings.log_format);
     tracing::info!(settings = ?settings, "starting");
-    let mut running = crate::app::start(settings).await?;
+    let mut running = medrelay::app::start(settings).await?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on http://{}", running.addr)?;
@@ -152,12 +158,7 @@ async fn process(settings: Settings, file: &PathBuf) -> anyhow::Result<()> {
             anyhow::bail!("unsupported file type: send a PDF, JPEG, PNG or WebP")
         }
     };
-    let processor: Box<dyn crate::processor::Processor> = match settings.processor {
-        ProcessorKind::Local => Box::new(crate::processor::local::LocalProcessor),
-        ProcessorKind::Anthropic => {
-            anyhow::bail!("the anthropic processor is not in this build yet")
-        }
-    };
+    let processor = medrelay::processor::configured(&settings)?;
     let document = Document {
         media_type,
         bytes: bytes.into(),

@@ -1,4 +1,4 @@
-//! Secrets kept in files: the HS256 token secret and the master key, generated into the data
+//! Secrets kept in files: the HS256 token secret and the master keys, generated into the data
 //! dir (mode 0600) on first start when none is configured, and the opaque per-user prefix
 //! derived from the master key.
 //!
@@ -15,6 +15,27 @@ use base64::engine::general_purpose::STANDARD;
 use zeroize::Zeroizing;
 
 pub use medrelay_crypto::{KeyBytes, random_bytes};
+
+use crate::config::Settings;
+use crate::crypto::Keyring;
+use crate::ids::{UserId, UserPrefix};
+
+/// The configured master keys (`MEDRELAY_MASTER_KEY`), else the key file, generated with mode
+/// 0600 when it does not exist (development only).
+pub fn load_keyring(settings: &Settings) -> anyhow::Result<Keyring> {
+    if let Some(inline) = &settings.master_key {
+        return Keyring::parse(inline.expose()).context("reading MEDRELAY_MASTER_KEY");
+    }
+    let file = settings.master_key_file();
+    if !file.exists() {
+        load_or_create(&file, 32, "master key")?;
+    }
+    let text = Zeroizing::new(
+        std::fs::read_to_string(&file)
+            .with_context(|| format!("reading the master key file {}", file.display()))?,
+    );
+    Keyring::parse(&text).with_context(|| format!("reading the master key file {}", file.display()))
+}
 
 /// Reads a base64 secret from `path`, or creates one of `len` random bytes there with mode
 /// 0600 when the file does not exist yet. `what` names it in the log line.
@@ -96,12 +117,14 @@ pub fn derive_prefix_key(master: &KeyBytes) -> anyhow::Result<hmac::Key> {
 
 /// The opaque object-key prefix of a user: 128 bits of HMAC-SHA256(user id), in hex. Object
 /// keys never carry the user id itself.
-pub fn user_prefix(key: &hmac::Key, user_id: &str) -> String {
-    let tag = hmac::sign(key, user_id.as_bytes());
-    tag.as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+pub fn user_prefix(key: &hmac::Key, user_id: &UserId) -> UserPrefix {
+    let tag = hmac::sign(key, user_id.as_str().as_bytes());
+    UserPrefix::from_raw(
+        tag.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+    )
 }
 
 #[cfg(test)]
@@ -125,13 +148,14 @@ mod tests {
     #[test]
     fn user_prefixes_are_opaque_and_distinct() {
         let key = derive_prefix_key(&KeyBytes::new(vec![7u8; 32])).unwrap();
-        let a = user_prefix(&key, "alice@example.org");
-        let b = user_prefix(&key, "bob@example.org");
-        assert_eq!(a.len(), 32);
+        let alice = UserId::from_raw("alice@example.org");
+        let a = user_prefix(&key, &alice);
+        let b = user_prefix(&key, &UserId::from_raw("bob@example.org"));
+        assert_eq!(a.as_str().len(), 32);
         assert_ne!(a, b);
-        assert!(!a.contains("alice"));
-        assert_eq!(a, user_prefix(&key, "alice@example.org"));
+        assert!(!a.as_str().contains("alice"));
+        assert_eq!(a, user_prefix(&key, &alice));
         let other = derive_prefix_key(&KeyBytes::new(vec![8u8; 32])).unwrap();
-        assert_ne!(a, user_prefix(&other, "alice@example.org"));
+        assert_ne!(a, user_prefix(&other, &alice));
     }
 }

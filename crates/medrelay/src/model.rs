@@ -1,4 +1,6 @@
-//! The wire types of api.md: Job, its status and error, and the extraction Result.
+//! The types of a job: its wire form of api.md (Job, its status and error, the extraction
+//! Result) and the reasons it can end for. States and reasons are enums, stored as their
+//! names (`db`) and never compared as text.
 //!
 //! Patient data (the Result) is printable only as JSON for the owner of the job: its `Debug`
 //! prints nothing, so it cannot reach a log by accident.
@@ -8,6 +10,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
+
+use crate::ids::JobId;
 
 /// Where a job stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -48,6 +52,72 @@ impl JobStatus {
     }
 }
 
+/// Why a job was deleted before its time: what its PHI-free tombstone says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeletionReason {
+    /// The user deleted this job (`DELETE /v1/jobs/{id}`).
+    DeletedByUser,
+    /// The user deleted all of their data (`DELETE /v1/me/data`).
+    AllDataDeletedByUser,
+    /// An operator ran `medrelay purge-user`.
+    Operator,
+    /// Its lifetime (`MEDRELAY_TEMP_TTL`) was over.
+    Expired,
+}
+
+impl DeletionReason {
+    pub const ALL: [DeletionReason; 4] = [
+        DeletionReason::DeletedByUser,
+        DeletionReason::AllDataDeletedByUser,
+        DeletionReason::Operator,
+        DeletionReason::Expired,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeletionReason::DeletedByUser => "deleted",
+            DeletionReason::AllDataDeletedByUser => "client",
+            DeletionReason::Operator => "operator",
+            DeletionReason::Expired => "expired",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+
+    /// The `reason` label of `medrelay_deletions_total`.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            DeletionReason::DeletedByUser | DeletionReason::AllDataDeletedByUser => "client",
+            DeletionReason::Operator => "operator",
+            DeletionReason::Expired => "expired",
+        }
+    }
+}
+
+/// Why the database queued a purge of a user (the trigger writes the name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PurgeReason {
+    /// A job of the user failed in a way nobody planned for.
+    UnmanagedFailure,
+}
+
+impl PurgeReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PurgeReason::UnmanagedFailure => "unmanaged-failure",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [PurgeReason::UnmanagedFailure]
+            .into_iter()
+            .find(|r| r.as_str() == text)
+    }
+}
+
 /// Why a job failed, in words for the patient.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct JobError {
@@ -62,7 +132,8 @@ pub struct JobError {
 /// A processing job, as the app sees it.
 #[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct Job {
-    pub id: String,
+    #[schema(value_type = String)]
+    pub id: JobId,
     pub status: JobStatus,
     pub media_type: String,
     pub size_bytes: i64,

@@ -4,11 +4,10 @@
 //! Content-Length; the body is never held whole in memory. A 202 is sent only after the
 //! document is stored and the job row is committed. A refused upload leaves nothing behind.
 
-use std::time::Duration;
-
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::BodyDataStream;
 use axum::extract::{Request, State};
@@ -16,16 +15,15 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
+use parking_lot::Mutex;
 
-use crate::app::AppState;
 use crate::auth::User;
-use crate::crypto::{Binding, SealingStream, WrappedKey};
-use crate::db::{self, Inserted, NewJob};
 use crate::error::{ApiError, Problem};
+use crate::lifecycle::{Accepted, Incoming};
 use crate::model::Job;
 use crate::processor::sniff::SNIFF_LEN;
 use crate::processor::{Sniffed, sniff};
-use crate::store::{ObjectKind, Store};
+use crate::state::AppState;
 
 /// An upload that sends nothing for this long is cut off (slow-loris protection).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,15 +74,12 @@ pub async fn create_document(
         .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
 
     let body = SharedBody::new(request.into_body().into_data_stream());
-    let stored = receive(&state, &user, &headers, multipart, body.clone()).await;
-    let Upload {
-        stored,
-        path,
-        user_prefix,
-        job_id,
-        idempotency_key,
-    } = match stored {
-        Ok(Received::Stored(upload)) => upload,
+    let received = receive(&state, &user, &headers, multipart, body.clone()).await;
+    let (incoming, idempotency_key) = match received {
+        Ok(Received::Stored {
+            incoming,
+            idempotency_key,
+        }) => (incoming, idempotency_key),
         Ok(Received::Existing(job)) => {
             body.drain_in_background();
             return Ok(accepted(*job));
@@ -96,56 +91,19 @@ pub async fn create_document(
             return Err(e);
         }
     };
-
-    let now = db::now_millis();
-    let new_job = NewJob {
-        id: job_id,
-        user_id: user.id.clone(),
-        user_prefix,
-        media_type: stored.media_type.into(),
-        size_bytes: stored.size as i64,
-        max_attempts: state.settings.max_attempts(),
-        idempotency_key,
-        document_key: stored.key,
-        now,
-        expires_at: now + db::millis(state.settings.temp_ttl),
+    let job = match incoming.commit(idempotency_key).await? {
+        Accepted::Created(job) | Accepted::Existing(job) => job,
     };
-    let inserted = match state.db.insert_job(&new_job).await {
-        Ok(inserted) => inserted,
-        Err(e) => {
-            // No 202 without a committed row, and no object without a row.
-            discard(&state, &path).await;
-            return Err(ApiError::unavailable(e));
-        }
-    };
-    let row = match inserted {
-        Inserted::Created(row) => {
-            metrics::counter!("medrelay_upload_bytes_total").increment(stored.size);
-            metrics::counter!("medrelay_uploads_total", "media_type" => stored.media_type)
-                .increment(1);
-            tracing::info!(job_id = %row.id, size = stored.size, media_type = stored.media_type, "document accepted");
-            state.wake.notify_one();
-            row
-        }
-        Inserted::Existing(row) => {
-            discard(&state, &path).await;
-            row
-        }
-    };
-    Ok(accepted(super::jobs::job_of(&state, &row)?))
-}
-
-/// A document stored in the object store, waiting for its job row.
-struct Upload {
-    stored: Stored,
-    path: object_store::path::Path,
-    user_prefix: String,
-    job_id: String,
-    idempotency_key: Option<String>,
+    Ok(accepted(*job))
 }
 
 enum Received {
-    Stored(Upload),
+    /// The whole document is sealed in the store, waiting for its job row.
+    Stored {
+        incoming: Box<Incoming>,
+        idempotency_key: Option<String>,
+    },
+    /// A job with this idempotency key exists: nothing new was stored.
     Existing(Box<Job>),
 }
 
@@ -178,26 +136,14 @@ async fn receive(
     let idempotency_key = idempotency_key(headers)?;
     if let Some(key) = &idempotency_key
         && let Some(existing) = state
-            .db
+            .lifecycle
             .find_by_idempotency_key(&user.id, key)
-            .await
-            .map_err(ApiError::unavailable)?
+            .await?
     {
-        return Ok(Received::Existing(Box::new(super::jobs::job_of(
-            state, &existing,
-        )?)));
+        return Ok(Received::Existing(Box::new(existing)));
     }
 
-    let job_id = uuid::Uuid::now_v7().to_string();
-    let user_prefix = state.user_prefix(&user.id);
-    let path = Store::object_path(&user_prefix, &job_id, ObjectKind::Document);
-    let binding = Binding {
-        user_prefix: &user_prefix,
-        job_id: &job_id,
-        kind: ObjectKind::Document.name(),
-    };
-
-    let stored = if multipart {
+    let incoming = if multipart {
         let content_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -212,7 +158,7 @@ async fn receive(
                 .map_err(|_| ApiError::BadRequest("the multipart form is malformed"))?;
             match field {
                 Some(field) if field.name() == Some("file") => {
-                    break ingest(state, &path, &binding, field, limit).await?;
+                    break ingest(state, user, field, limit).await?;
                 }
                 // Other parts (a caption, a client version) are not needed: skip them unread.
                 Some(_) => continue,
@@ -220,15 +166,12 @@ async fn receive(
             }
         }
     } else {
-        ingest(state, &path, &binding, body, limit).await?
+        ingest(state, user, body, limit).await?
     };
-    Ok(Received::Stored(Upload {
-        stored,
-        path,
-        user_prefix,
-        job_id,
+    Ok(Received::Stored {
+        incoming: Box::new(incoming),
         idempotency_key,
-    }))
+    })
 }
 
 /// The request body, shared so that what the handler did not read can be drained after the
@@ -266,7 +209,7 @@ impl Stream for SharedBody {
     type Item = Result<Bytes, axum::Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = self.0.lock();
         Pin::new(&mut *inner).poll_next(cx)
     }
 }
@@ -297,28 +240,14 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_owned()))
 }
 
-struct Stored {
-    media_type: &'static str,
-    size: u64,
-    /// The document's data key, wrapped, for the job row.
-    key: WrappedKey,
-}
-
-async fn discard(state: &AppState, path: &object_store::path::Path) {
-    if let Err(e) = state.store.delete(path).await {
-        tracing::warn!(error = %format!("{e:#}"), "removing a refused upload failed; the sweeper will");
-    }
-}
-
-/// Streams `body` into the store at `path`: sniffs the first bytes, enforces the size limit,
-/// and aborts the write (leaving nothing) on any refusal.
+/// Streams `body` through the lifecycle into the store: sniffs the first bytes, enforces the
+/// size limit, and aborts the write (leaving nothing) on any refusal.
 async fn ingest<S, E>(
     state: &AppState,
-    path: &object_store::path::Path,
-    binding: &Binding<'_>,
+    user: &User,
     body: S,
     limit: u64,
-) -> Result<Stored, ApiError>
+) -> Result<Incoming, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
@@ -350,48 +279,25 @@ where
         Sniffed::Unsupported => return Err(ApiError::UnsupportedMediaType),
     };
 
-    // Encrypted before a byte leaves the process: a fresh data key per document.
-    let (key, wrapped) = state
-        .keyring
-        .new_data_key(binding)
-        .map_err(ApiError::internal)?;
-    let mut sealer = SealingStream::new(&key, binding).map_err(ApiError::internal)?;
-    drop(key);
-    let mut writer = state.store.writer(path);
-    let mut size = head.len() as u64;
+    let mut incoming = state.lifecycle.accept(&user.id, media_type)?;
     let outcome: Result<(), ApiError> = async {
-        for part in sealer.push(&head).map_err(ApiError::internal)? {
-            writer.write(part).await.map_err(ApiError::unavailable)?;
-        }
+        incoming.push(&head).await?;
         drop(head);
         if !ended {
             while let Some(chunk) = next_chunk(&mut body).await? {
-                size += chunk.len() as u64;
-                if size > limit {
+                if incoming.size() + chunk.len() as u64 > limit {
                     return Err(ApiError::TooLarge { limit });
                 }
-                for part in sealer.push(&chunk).map_err(ApiError::internal)? {
-                    writer.write(part).await.map_err(ApiError::unavailable)?;
-                }
+                incoming.push(&chunk).await?;
             }
-        }
-        for part in sealer.finish().map_err(ApiError::internal)? {
-            writer.write(part).await.map_err(ApiError::unavailable)?;
         }
         Ok(())
     }
     .await;
     match outcome {
-        Ok(()) => {
-            writer.finish().await.map_err(ApiError::unavailable)?;
-            Ok(Stored {
-                media_type: media_type.as_str(),
-                size,
-                key: wrapped,
-            })
-        }
+        Ok(()) => Ok(incoming),
         Err(e) => {
-            writer.abort().await;
+            incoming.abort().await;
             Err(e)
         }
     }

@@ -4,7 +4,7 @@
 //! Handlers answer with ids and states; only the owner of a job ever receives its result.
 
 mod documents;
-pub(crate) mod jobs;
+mod jobs;
 mod ops;
 
 use axum::Router;
@@ -21,8 +21,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -150,4 +150,11 @@ async fn problem_for_bare_errors(req: Request, next: Next) -> Response {
     problem
 }
 
-pub use jobs::purge_user;
+impl From<crate::lifecycle::Error> for ApiError {
+    fn from(e: crate::lifecycle::Error) -> Self {
+        match e {
+            crate::lifecycle::Error::Unavailable(e) => ApiError::Unavailable(e),
+            crate::lifecycle::Error::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}

@@ -4,9 +4,9 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::app::AppState;
 use crate::error::{ApiError, Problem};
 use crate::model::JobStatus;
+use crate::state::AppState;
 
 /// The process is alive.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
@@ -22,8 +22,19 @@ pub async fn healthz() -> &'static str {
         (status = 503, description = "Database or store unreachable", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
-    state.db.ping().await.map_err(ApiError::unavailable)?;
-    state.store.ping().await.map_err(ApiError::unavailable)?;
+    // Not ready is not ready, whatever the cause: 503 either way.
+    state
+        .lifecycle
+        .db()
+        .ping()
+        .await
+        .map_err(ApiError::unavailable)?;
+    state
+        .lifecycle
+        .store()
+        .ping()
+        .await
+        .map_err(ApiError::unavailable)?;
     Ok("ready")
 }
 
@@ -31,19 +42,15 @@ pub async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiEr
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let counts = state
-        .db
-        .count_by_status()
-        .await
-        .map_err(ApiError::unavailable)?;
+    let counts = state.lifecycle.db().count_by_status().await?;
     for status in JobStatus::ALL {
         let n = counts
             .iter()
-            .find(|(s, _)| s == status.as_str())
+            .find(|(s, _)| *s == status)
             .map_or(0, |(_, n)| *n);
         metrics::gauge!("medrelay_jobs", "status" => status.as_str()).set(n as f64);
     }
-    metrics::gauge!("medrelay_jobs_running_here").set(state.running.len() as f64);
+    metrics::gauge!("medrelay_jobs_running_here").set(state.lifecycle.running().len() as f64);
     let mut response = (StatusCode::OK, state.metrics.render()).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

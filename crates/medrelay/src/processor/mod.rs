@@ -10,12 +10,17 @@ pub mod local;
 pub mod sniff;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
+use crate::config::{ProcessorKind, Settings};
+use crate::error::Code;
 use crate::model::{DocumentResult, JobError};
+
 pub use sniff::{MediaType, Sniffed, sniff};
 
 /// A document in memory. Its `Debug` prints the type and size only.
@@ -58,46 +63,23 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn job_error(self) -> JobError {
-        let (code, message) = match self {
-            Refusal::Encrypted => (
-                "document-encrypted",
-                "This PDF is protected by a password, so we cannot read it. Please remove the password (for example, print it to a new PDF) and upload it again.",
-            ),
-            Refusal::Unreadable => (
-                "document-unreadable",
-                "We could not read this file. It may be damaged. Please export or scan the document again and upload the new file.",
-            ),
-            Refusal::Unsupported => (
-                "unsupported-media-type",
-                "This file type is not supported. Please send a PDF or a photo (JPEG, PNG or WebP).",
-            ),
-            Refusal::TooComplex => (
-                "document-too-complex",
-                "This document is too complex for us to read. Please upload fewer pages at a time or a simpler scan.",
-            ),
-            Refusal::Rejected => (
-                "document-rejected",
-                "We could not process this document. Please try a clearer scan or photo, or export the document again.",
-            ),
-            Refusal::Refused => (
-                "document-refused",
-                "We could not process this document. Please make sure it is a medical document and try again.",
-            ),
-            Refusal::Missing => (
-                "document-missing",
-                "We no longer have this document. Please upload it again.",
-            ),
-            Refusal::ServiceUnavailable => (
-                "service-unavailable",
-                "Reading documents is temporarily unavailable. Please try again later.",
-            ),
-        };
-        JobError {
-            code: code.into(),
-            message: message.into(),
-            retryable: matches!(self, Refusal::ServiceUnavailable | Refusal::Missing),
+    /// The registry's code for this refusal.
+    pub fn code(self) -> Code {
+        match self {
+            Refusal::Encrypted => Code::DocumentEncrypted,
+            Refusal::Unreadable => Code::DocumentUnreadable,
+            Refusal::Unsupported => Code::UnsupportedMediaType,
+            Refusal::TooComplex => Code::DocumentTooComplex,
+            Refusal::Rejected => Code::DocumentRejected,
+            Refusal::Refused => Code::DocumentRefused,
+            Refusal::Missing => Code::DocumentMissing,
+            Refusal::ServiceUnavailable => Code::ServiceUnavailable,
         }
+    }
+
+    /// The error a job refused this way ends with.
+    pub fn job_error(self) -> JobError {
+        self.code().job_error()
     }
 }
 
@@ -122,4 +104,15 @@ pub enum ProcessError {
 pub trait Processor: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn process(&self, document: Document) -> BoxFuture<'_, Result<DocumentResult, ProcessError>>;
+}
+
+/// The processor `settings` configure (`MEDRELAY_PROCESSOR`).
+pub fn configured(settings: &Settings) -> anyhow::Result<Arc<dyn Processor>> {
+    Ok(match settings.processor {
+        ProcessorKind::Local => Arc::new(local::LocalProcessor),
+        ProcessorKind::Anthropic => Arc::new(
+            anthropic::AnthropicProcessor::new(settings)
+                .context("configuring the anthropic processor")?,
+        ),
+    })
 }

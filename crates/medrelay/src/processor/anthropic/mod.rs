@@ -333,7 +333,7 @@ fn httpdate_delay(value: &str) -> Option<Duration> {
     let at = time::PrimitiveDateTime::parse(value, &format)
         .ok()?
         .assume_utc();
-    let wait = at - time::OffsetDateTime::now_utc();
+    let wait = at - crate::clock::now();
     Some(Duration::from_secs(wait.whole_seconds().max(0) as u64))
 }
 

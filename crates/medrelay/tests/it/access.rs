@@ -1,16 +1,22 @@
-//! Tokens of an identity provider: RS256 and ES256 checked against a JWKS document given as a
-//! file or fetched over HTTP, with issuer and audience pinned.
-
-mod common;
+//! Who may see what: every `/v1` route needs a valid bearer token (HS256 with the configured
+//! or generated secret, or RS256/ES256 of an identity provider checked against its JWKS with
+//! issuer and audience pinned), and a job of another user is a 404 on every route.
 
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::{Backend, TestApp};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+
+use crate::fixtures::png;
+use crate::harness::{Backend, TestApp, assert_problem};
+
+on_every_backend!(
+    bad_tokens_get_401_as_problem_json,
+    another_users_job_is_a_404_on_every_route,
+);
 
 const ISSUER: &str = "https://idp.test/";
 const AUDIENCE: &str = "medrelay";
@@ -48,7 +54,7 @@ fn sign(alg: Algorithm, kid: &str, key: &EncodingKey, claims: Value) -> String {
 }
 
 fn claims(sub: &str) -> Value {
-    json!({"sub": sub, "iss": ISSUER, "aud": AUDIENCE, "exp": jsonwebtoken::get_current_timestamp() + 600})
+    json!({"sub": sub, "iss": ISSUER, "aud": AUDIENCE, "exp": medrelay::clock::now_secs() + 600})
 }
 
 async fn status_with(app: &TestApp, token: &str) -> StatusCode {
@@ -111,7 +117,7 @@ async fn identity_provider_tokens_are_checked_against_its_jwks() {
             .http
             .post(app.url("/v1/documents"))
             .bearer_auth(&es)
-            .body(common::png(4, 4))
+            .body(png(4, 4))
             .send()
             .await
             .unwrap();
@@ -133,7 +139,7 @@ async fn identity_provider_tokens_are_checked_against_its_jwks() {
         let mut wrong_aud = claims("patient-1");
         wrong_aud["aud"] = json!("another-service");
         let mut expired = claims("patient-1");
-        expired["exp"] = json!(jsonwebtoken::get_current_timestamp() - 300);
+        expired["exp"] = json!(medrelay::clock::now_secs() - 300);
         let bad = [
             sign(
                 Algorithm::ES256,
@@ -181,7 +187,7 @@ async fn a_configured_hs256_secret_signs_and_checks_tokens() {
     .await;
     let token = jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &json!({"sub": "configured", "exp": jsonwebtoken::get_current_timestamp() + 60}),
+        &json!({"sub": "configured", "exp": medrelay::clock::now_secs() + 60}),
         &EncodingKey::from_secret(b"a-configured-secret-of-at-least-32-chars").unwrap(),
     )
     .unwrap();
@@ -190,5 +196,122 @@ async fn a_configured_hs256_secret_signs_and_checks_tokens() {
         !app.data_dir.path().join("jwt.secret").exists(),
         "no secret is generated when one is configured"
     );
+    app.stop().await;
+}
+
+async fn bad_tokens_get_401_as_problem_json(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let routes = [
+        ("GET", "/v1/jobs".to_owned()),
+        ("GET", "/v1/jobs/0193abcd".to_owned()),
+        ("DELETE", "/v1/jobs/0193abcd".to_owned()),
+        ("GET", "/v1/jobs/0193abcd/events".to_owned()),
+        ("DELETE", "/v1/me/data".to_owned()),
+        ("POST", "/v1/documents".to_owned()),
+    ];
+    let forged = {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        let claims = serde_json::json!({"sub": "alice", "exp": medrelay::clock::now_secs() + 600});
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"not-the-server-secret-not-the-server").unwrap(),
+        )
+        .unwrap()
+    };
+    let expired = {
+        // Minted with the right key but already two minutes past its expiry.
+        let secret = std::fs::read_to_string(app.data_dir.path().join("jwt.secret")).unwrap();
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(secret.trim())
+            .unwrap();
+        let claims = serde_json::json!({"sub": "alice", "exp": medrelay::clock::now_secs() - 120});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(&key).unwrap(),
+        )
+        .unwrap()
+    };
+    let unsigned = {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.",
+            b64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+            b64.encode(r#"{"sub":"alice","exp":9999999999}"#)
+        )
+    };
+    for (method, path) in &routes {
+        for auth in [
+            None,
+            Some("Bearer".to_owned()),
+            Some("Bearer not.a.jwt".into()),
+            Some(format!("Bearer {forged}")),
+            Some(format!("Bearer {expired}")),
+            Some(format!("Bearer {unsigned}")),
+            Some(format!("Basic {forged}")),
+        ] {
+            let mut req = app.http.request(method.parse().unwrap(), app.url(path));
+            if let Some(a) = &auth {
+                req = req.header("authorization", a);
+            }
+            let response = req.send().await.unwrap();
+            let problem = assert_problem(response, 401, "unauthorized").await;
+            assert_eq!(problem["retryable"], false);
+        }
+    }
+    // The right token works.
+    let ok = app
+        .http
+        .get(app.url("/v1/jobs"))
+        .bearer_auth(app.token("alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+async fn another_users_job_is_a_404_on_every_route(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let alice = app.token("alice");
+    let mallory = app.token("mallory");
+    let job = app.upload_ok(&alice, png(10, 10), "image/png").await;
+    let id = job["id"].as_str().unwrap();
+    app.wait_terminal(&alice, id).await;
+
+    let missing = "0193ffff-0000-7000-8000-000000000000";
+    for target in [id, missing] {
+        let r = app.get_job(&mallory, target).await;
+        let foreign = assert_problem(r, 404, "job-not-found").await;
+        let r = app
+            .http
+            .get(app.url(&format!("/v1/jobs/{target}/events")))
+            .bearer_auth(&mallory)
+            .send()
+            .await
+            .unwrap();
+        let foreign_events = assert_problem(r, 404, "job-not-found").await;
+        let r = app
+            .http
+            .delete(app.url(&format!("/v1/jobs/{target}")))
+            .bearer_auth(&mallory)
+            .send()
+            .await
+            .unwrap();
+        let foreign_delete = assert_problem(r, 404, "job-not-found").await;
+        // Indistinguishable from a job that does not exist.
+        assert_eq!(foreign["detail"], foreign_events["detail"]);
+        assert_eq!(foreign["detail"], foreign_delete["detail"]);
+    }
+    let list = app.list_jobs(&mallory).await;
+    assert!(list.is_empty());
+    // Mallory deleting all of her data leaves Alice's job alone.
+    assert_eq!(
+        app.delete(&mallory, "/v1/me/data").await,
+        StatusCode::NO_CONTENT
+    );
+    let r = app.get_job(&alice, id).await;
+    assert_eq!(r.status(), StatusCode::OK);
     app.stop().await;
 }

@@ -4,19 +4,19 @@
 //!
 //! Missing services are failures with a message saying what to start, never silent skips.
 
-#![allow(dead_code)]
-
-pub mod claude_mock;
-
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use medrelay::app::{self, Running};
 use medrelay::config::Settings;
+use medrelay::db::{Db, JobRow, PurgeRow};
+use medrelay::ids::{JobId, UserId, UserPrefix};
+use medrelay::lifecycle::Lifecycle;
+use medrelay::state::AppState;
+use medrelay::store::Store;
 use reqwest::StatusCode;
 use serde_json::Value;
-
-pub const CORPUS: &str = "../../../shared/corpus/pdf-real";
 
 /// The database and store a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,36 +42,47 @@ macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite_folder {
             $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name($crate::common::Backend::SqliteFolder).await } )*
+               async fn $name() { super::$name($crate::harness::Backend::SqliteFolder).await } )*
         }
         mod sqlite_s3 {
             $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name($crate::common::Backend::SqliteS3).await } )*
+               async fn $name() { super::$name($crate::harness::Backend::SqliteS3).await } )*
         }
         mod postgres_folder {
             $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name($crate::common::Backend::PostgresFolder).await } )*
+               async fn $name() { super::$name($crate::harness::Backend::PostgresFolder).await } )*
         }
         mod postgres_s3 {
             $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name($crate::common::Backend::PostgresS3).await } )*
+               async fn $name() { super::$name($crate::harness::Backend::PostgresS3).await } )*
         }
     };
 }
 
-pub fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(CORPUS)
-}
-
-pub fn corpus_file(name: &str) -> Vec<u8> {
-    let path = corpus_dir().join(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+/// Waits until `check` says yes: it is polled every 20 ms and answers `Ok(value)` when the
+/// awaited thing happened, or `Err(what it sees now)`. Fails after `within`, naming `what`
+/// and the last thing seen. The one way tests wait for something asynchronous.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "{what}: not within {within:?}; last seen: {seen}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A fresh PostgreSQL database; panics with advice when the server is down.
 pub async fn fresh_postgres() -> (String, String) {
-    let admin = std::env::var("MEDRELAY_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let admin = admin_url();
     let name = format!("medrelay_t_{}", uuid::Uuid::new_v4().simple());
     let mut conn = connect_admin(&admin).await;
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
@@ -80,6 +91,11 @@ pub async fn fresh_postgres() -> (String, String) {
         .expect("creating a test database");
     let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
     (format!("{base}/{name}"), name)
+}
+
+fn admin_url() -> String {
+    std::env::var("MEDRELAY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 async fn connect_admin(admin: &str) -> sqlx::PgConnection {
@@ -96,9 +112,7 @@ async fn connect_admin(admin: &str) -> sqlx::PgConnection {
 }
 
 pub async fn drop_postgres(name: &str) {
-    let admin = std::env::var("MEDRELAY_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let mut conn = connect_admin(&admin).await;
+    let mut conn = connect_admin(&admin_url()).await;
     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
     )))
@@ -167,31 +181,19 @@ impl TestApp {
     }
 
     pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut Settings)) -> TestApp {
-        let data_dir = tempfile::tempdir().expect("a temp dir");
-        let (mut settings, pg_name) = test_settings(backend, data_dir.path()).await;
-        tweak(&mut settings);
-        let running = app::start(settings.clone()).await.expect("the app starts");
-        TestApp {
-            backend,
-            addr: format!("http://{}", running.addr),
-            http: reqwest::Client::new(),
-            running: Some(running),
-            data_dir,
-            settings,
-            pg_name,
-        }
+        Self::spawn_custom(backend, tweak, |_| {}).await
     }
 
-    /// Starts the app with a state adjusted by `customize` (for example a slow processor).
+    /// Starts the app with a state adjusted by `customize` (for example a scripted processor).
     pub async fn spawn_custom(
         backend: Backend,
         tweak: impl FnOnce(&mut Settings),
-        customize: impl FnOnce(&mut medrelay::app::AppState),
+        customize: impl FnOnce(&mut AppState),
     ) -> TestApp {
         let data_dir = tempfile::tempdir().expect("a temp dir");
         let (mut settings, pg_name) = test_settings(backend, data_dir.path()).await;
         tweak(&mut settings);
-        let mut state = medrelay::app::AppState::new(settings.clone())
+        let mut state = app::build_state(settings.clone())
             .await
             .expect("the state builds");
         customize(&mut state);
@@ -224,8 +226,51 @@ impl TestApp {
         self.running = Some(running);
     }
 
-    pub fn state(&self) -> &medrelay::app::AppState {
+    pub fn state(&self) -> &AppState {
         &self.running.as_ref().expect("running").state
+    }
+
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.state().lifecycle
+    }
+
+    pub fn db(&self) -> &Db {
+        self.lifecycle().db()
+    }
+
+    pub fn store(&self) -> &Store {
+        self.lifecycle().store()
+    }
+
+    /// The opaque prefix of a user's objects.
+    pub fn user_prefix(&self, user: &str) -> UserPrefix {
+        self.lifecycle().user_prefix(&UserId::from_raw(user))
+    }
+
+    /// A job's row, live or tombstoned, whoever owns it.
+    pub async fn row(&self, id: &str) -> Option<JobRow> {
+        self.db()
+            .get_job_by_id(&JobId::from_raw(id))
+            .await
+            .expect("reading a job row")
+    }
+
+    /// The purge audit log, newest first.
+    pub async fn purges(&self) -> Vec<PurgeRow> {
+        self.db().purges().await.expect("reading the purges")
+    }
+
+    /// Waits until a purge is recorded as complete; returns the audit log.
+    pub async fn wait_purged(&self) -> Vec<PurgeRow> {
+        eventually(Duration::from_secs(10), "a completed purge", || async {
+            let purges = self.purges().await;
+            if purges.iter().any(|p| p.completed_at.is_some()) {
+                Ok(purges)
+            } else {
+                Err(format!("{purges:?}"))
+            }
+        })
+        .await
     }
 
     pub async fn stop(mut self) {
@@ -288,23 +333,39 @@ impl TestApp {
             .expect("get job request")
     }
 
-    /// Polls until the job is succeeded or failed, with a deadline.
+    /// `GET /v1/jobs/{id}` as JSON, whatever the status.
+    pub async fn job(&self, token: &str, id: &str) -> Value {
+        self.get_job(token, id)
+            .await
+            .json()
+            .await
+            .expect("a JSON body")
+    }
+
+    /// `DELETE` of a path as this token's user: the status.
+    pub async fn delete(&self, token: &str, path: &str) -> StatusCode {
+        self.http
+            .delete(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("delete request")
+            .status()
+    }
+
+    /// Polls until the job is succeeded or failed.
     pub async fn wait_terminal(&self, token: &str, id: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        let what = format!("job {id} succeeded or failed");
+        eventually(Duration::from_secs(60), &what, || async {
             let response = self.get_job(token, id).await;
             assert_eq!(response.status(), StatusCode::OK);
             let job: Value = response.json().await.unwrap();
-            let status = job["status"].as_str().unwrap();
-            if status == "succeeded" || status == "failed" {
-                return job;
+            match job["status"].as_str() {
+                Some("succeeded" | "failed") => Ok(job),
+                _ => Err(job.to_string()),
             }
-            assert!(
-                Instant::now() < deadline,
-                "job {id} still {status} after 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// `GET /v1/jobs` as this token's user: the `jobs` list.
@@ -322,37 +383,38 @@ impl TestApp {
         list["jobs"].as_array().expect("a jobs array").clone()
     }
 
-    /// Polls until the job has `status`, with a deadline; returns it.
+    /// Polls until the job has `status`; returns it.
     pub async fn wait_status(&self, token: &str, id: &str, status: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let job: Value = self.get_job(token, id).await.json().await.unwrap();
+        let what = format!("job {id} {status}");
+        eventually(Duration::from_secs(20), &what, || async {
+            let job = self.job(token, id).await;
             if job["status"] == status {
-                return job;
+                Ok(job)
+            } else {
+                Err(job.to_string())
             }
-            assert!(Instant::now() < deadline, "job {id} never {status}: {job}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     /// Polls until the job answers 410 `job-expired`, which must happen `within`.
     pub async fn wait_expired(&self, token: &str, id: &str, within: Duration) {
-        let started = Instant::now();
-        loop {
+        let what = format!("job {id} expired (it must not outlive its TTL)");
+        let response = eventually(within, &what, || async {
             let response = self.get_job(token, id).await;
             if response.status() == StatusCode::GONE {
-                assert_problem(response, 410, "job-expired").await;
-                return;
+                Ok(response)
+            } else {
+                Err(response.status().to_string())
             }
-            assert!(started.elapsed() < within, "job {id} outlived its TTL");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        assert_problem(response, 410, "job-expired").await;
     }
 
-    /// Every object in the store (keys and sizes).
+    /// Every object in the store (keys).
     pub async fn objects(&self) -> Vec<String> {
-        self.state()
-            .store
+        self.store()
             .list_all()
             .await
             .expect("listing objects")
@@ -361,15 +423,11 @@ impl TestApp {
             .collect()
     }
 
-    /// Polls until the store is empty, and on a local folder until no file or folder is left,
-    /// with a deadline (deletes follow commits, and folders go with their last file).
+    /// Polls until the store is empty, and on a local folder until no file or folder is left
+    /// (deletes follow commits, and folders go with their last file).
     pub async fn assert_store_empties(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let local = matches!(
-            self.backend,
-            Backend::SqliteFolder | Backend::PostgresFolder
-        );
-        loop {
+        let local = !self.backend.s3();
+        eventually(Duration::from_secs(10), "an empty store", || async {
             let objects = self.objects().await;
             let left = if local {
                 walk(&self.data_dir.path().join("objects"))
@@ -377,14 +435,12 @@ impl TestApp {
                 Vec::new()
             };
             if objects.is_empty() && left.is_empty() {
-                return;
+                Ok(())
+            } else {
+                Err(format!("objects {objects:?}, files {left:?}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "left behind: objects {objects:?}, files in the object folder {left:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 }
 
@@ -422,167 +478,4 @@ pub async fn assert_problem(response: reqwest::Response, status: u16, code: &str
     assert!(body["retryable"].is_boolean(), "{body}");
     assert!(body["title"].is_string(), "{body}");
     body
-}
-
-/// A minimal valid PNG of `w` x `h` pixels (grey, uncompressed deflate blocks).
-pub fn png(w: u32, h: u32) -> Vec<u8> {
-    use std::io::Cursor;
-    let img = image::GrayImage::from_pixel(w, h, image::Luma([128]));
-    let mut out = Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png)
-        .expect("encoding a PNG");
-    out.into_inner()
-}
-
-pub fn jpeg(w: u32, h: u32) -> Vec<u8> {
-    use std::io::Cursor;
-    let img = image::RgbImage::from_pixel(w, h, image::Rgb([200, 120, 40]));
-    let mut out = Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Jpeg)
-        .expect("encoding a JPEG");
-    out.into_inner()
-}
-
-pub fn webp(w: u32, h: u32) -> Vec<u8> {
-    use std::io::Cursor;
-    let img = image::RgbaImage::from_pixel(w, h, image::Rgba([10, 200, 40, 255]));
-    let mut out = Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::WebP)
-        .expect("encoding a WebP");
-    out.into_inner()
-}
-
-/// A one-page PDF whose text is `lines`, built with lopdf (Helvetica, Flate-compressed).
-pub fn text_pdf(lines: &[&str]) -> Vec<u8> {
-    use lopdf::content::{Content, Operation};
-    use lopdf::{Document, Object, Stream, dictionary};
-    let mut doc = Document::with_version("1.5");
-    let pages_id = doc.new_object_id();
-    let font_id = doc.add_object(dictionary! {
-        "Type" => "Font", "Subtype" => "Type1", "BaseFont" => "Helvetica",
-    });
-    let resources_id = doc.add_object(dictionary! {
-        "Font" => dictionary! { "F1" => font_id },
-    });
-    let mut operations = vec![
-        Operation::new("BT", vec![]),
-        Operation::new("Tf", vec!["F1".into(), 12.into()]),
-        Operation::new("Td", vec![50.into(), 750.into()]),
-        Operation::new("TL", vec![16.into()]),
-    ];
-    for line in lines {
-        operations.push(Operation::new("Tj", vec![Object::string_literal(*line)]));
-        operations.push(Operation::new("T*", vec![]));
-    }
-    operations.push(Operation::new("ET", vec![]));
-    let content = Content { operations };
-    let mut stream = Stream::new(dictionary! {}, content.encode().unwrap());
-    stream.compress().expect("flate compression");
-    let content_id = doc.add_object(stream);
-    let page_id = doc.add_object(dictionary! {
-        "Type" => "Page", "Parent" => pages_id, "Contents" => content_id,
-    });
-    doc.objects.insert(
-        pages_id,
-        Object::Dictionary(dictionary! {
-            "Type" => "Pages", "Kids" => vec![page_id.into()], "Count" => 1,
-            "Resources" => resources_id, "MediaBox" => vec![0.into(), 0.into(), 595.into(), 842.into()],
-        }),
-    );
-    let catalog_id = doc.add_object(dictionary! { "Type" => "Catalog", "Pages" => pages_id });
-    doc.trailer.set("Root", catalog_id);
-    let mut out = Vec::new();
-    doc.save_to(&mut out).expect("saving a PDF");
-    out
-}
-
-/// A PDF with one page per entry of `pages`, each showing its text.
-pub fn pages_pdf(pages: &[String]) -> Vec<u8> {
-    use lopdf::content::{Content, Operation};
-    use lopdf::{Document, Object, dictionary};
-    let mut doc = Document::with_version("1.5");
-    let pages_id = doc.new_object_id();
-    let font_id = doc.add_object(dictionary! {
-        "Type" => "Font", "Subtype" => "Type1", "BaseFont" => "Helvetica",
-    });
-    let resources_id = doc.add_object(dictionary! { "Font" => dictionary! { "F1" => font_id } });
-    let mut kids = Vec::new();
-    for text in pages {
-        let content = Content {
-            operations: vec![
-                Operation::new("BT", vec![]),
-                Operation::new("Tf", vec!["F1".into(), 12.into()]),
-                Operation::new("Td", vec![50.into(), 750.into()]),
-                Operation::new("Tj", vec![Object::string_literal(text.as_str())]),
-                Operation::new("ET", vec![]),
-            ],
-        };
-        let content_id = doc.add_object(lopdf::Stream::new(
-            dictionary! {},
-            content.encode().unwrap(),
-        ));
-        let page_id = doc.add_object(dictionary! {
-            "Type" => "Page", "Parent" => pages_id, "Contents" => content_id,
-        });
-        kids.push(page_id.into());
-    }
-    let count = kids.len() as i64;
-    doc.objects.insert(
-        pages_id,
-        Object::Dictionary(dictionary! {
-            "Type" => "Pages", "Kids" => kids, "Count" => count,
-            "Resources" => resources_id, "MediaBox" => vec![0.into(), 0.into(), 595.into(), 842.into()],
-        }),
-    );
-    let catalog_id = doc.add_object(dictionary! { "Type" => "Catalog", "Pages" => pages_id });
-    doc.trailer.set("Root", catalog_id);
-    let mut out = Vec::new();
-    doc.save_to(&mut out).expect("saving a PDF");
-    out
-}
-
-/// A PDF of `pages` pages, each carrying `bytes_per_page` of incompressible image-like data.
-pub fn heavy_pdf(pages: usize, bytes_per_page: usize) -> Vec<u8> {
-    use lopdf::{Document, Object, Stream, dictionary};
-    let mut doc = Document::with_version("1.5");
-    let pages_id = doc.new_object_id();
-    let mut kids = Vec::new();
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    for _ in 0..pages {
-        let data: Vec<u8> = (0..bytes_per_page)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        let image = doc.add_object(Stream::new(
-            dictionary! {"Type" => "XObject", "Subtype" => "Image", "Width" => 1024, "Height" => (bytes_per_page / 1024) as i64,
-                         "ColorSpace" => "DeviceGray", "BitsPerComponent" => 8},
-            data,
-        ));
-        let content = doc.add_object(Stream::new(
-            dictionary! {},
-            b"q 595 0 0 842 0 0 cm /Im0 Do Q".to_vec(),
-        ));
-        let page = doc.add_object(dictionary! {
-            "Type" => "Page", "Parent" => pages_id, "Contents" => content,
-            "Resources" => dictionary! {"XObject" => dictionary! {"Im0" => image}},
-        });
-        kids.push(page.into());
-    }
-    let count = kids.len() as i64;
-    doc.objects.insert(
-        pages_id,
-        Object::Dictionary(dictionary! {
-            "Type" => "Pages", "Kids" => kids, "Count" => count,
-            "MediaBox" => vec![0.into(), 0.into(), 595.into(), 842.into()],
-        }),
-    );
-    let catalog = doc.add_object(dictionary! {"Type" => "Catalog", "Pages" => pages_id});
-    doc.trailer.set("Root", catalog);
-    let mut out = Vec::new();
-    doc.save_to(&mut out).unwrap();
-    out
 }

@@ -1,11 +1,10 @@
 //! A local stand-in for Claude's Messages API: scripted answers, recorded calls.
 
-#![allow(dead_code)]
-
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
+use parking_lot::Mutex;
 use serde_json::{Value, json};
 
 /// One scripted answer of the mock.
@@ -71,7 +70,7 @@ impl Mock {
                 let state = state.clone();
                 async move {
                     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                    state.calls.lock().unwrap().push(Call {
+                    state.calls.lock().push(Call {
                         at: Instant::now(),
                         headers,
                         body,
@@ -79,9 +78,8 @@ impl Mock {
                     let reply = state
                         .script
                         .lock()
-                        .unwrap()
                         .pop()
-                        .or_else(|| state.fallback.lock().unwrap().clone())
+                        .or_else(|| state.fallback.lock().clone())
                         .unwrap_or_else(|| Reply::error(500, "api_error"));
                     tokio::time::sleep(reply.delay).await;
                     let mut response = axum::response::Response::builder()
@@ -105,7 +103,7 @@ impl Mock {
     }
 
     pub fn calls(&self) -> Vec<Call> {
-        self.calls.lock().unwrap().clone()
+        self.calls.lock().clone()
     }
 }
 

@@ -1,13 +1,15 @@
 //! The claim, rescue and compare-and-set rules of the job queue, table-driven in the style of
 //! River's rescuer tests, on SQLite and PostgreSQL.
 
-mod common;
-
 use std::time::Duration;
 
+use medrelay::clock::now_millis;
 use medrelay::crypto::WrappedKey;
-use medrelay::db::{Db, NewJob, now_millis};
-use medrelay::model::JobError;
+use medrelay::db::{Db, NewJob};
+use medrelay::ids::{JobId, LeaseToken, UserId, UserPrefix};
+use medrelay::model::{DeletionReason, JobError, JobStatus};
+
+use crate::harness;
 
 const LEASE: Duration = Duration::from_secs(60);
 
@@ -20,17 +22,27 @@ async fn sqlite() -> (Db, tempfile::TempDir) {
 }
 
 async fn postgres() -> (Db, String) {
-    let (url, name) = common::fresh_postgres().await;
+    let (url, name) = harness::fresh_postgres().await;
     (Db::connect(&url).await.unwrap(), name)
 }
 
-async fn insert(db: &Db, id: &str) {
+/// A lease token by name.
+fn lease(name: &str) -> LeaseToken {
+    LeaseToken::from_raw(name)
+}
+
+/// A fresh job id, `label-uuid`.
+fn new_id(label: &str) -> JobId {
+    JobId::from_raw(format!("{label}-{}", uuid::Uuid::new_v4()))
+}
+
+async fn insert(db: &Db, id: &JobId) {
     let now = now_millis();
     db.insert_job(&NewJob {
-        id: id.into(),
-        user_id: "u".into(),
-        user_prefix: "p".into(),
-        media_type: "application/pdf".into(),
+        id: id.clone(),
+        user_id: UserId::from_raw("u"),
+        user_prefix: UserPrefix::from_raw("p"),
+        media_type: "application/pdf",
         size_bytes: 1,
         max_attempts: 4,
         idempotency_key: None,
@@ -46,7 +58,7 @@ async fn insert(db: &Db, id: &str) {
 }
 
 /// Puts a job into a given state directly (what a crashed or concurrent worker left).
-async fn set(db: &Db, id: &str, assignments: &str) {
+async fn set(db: &Db, id: &JobId, assignments: &str) {
     let sql = format!("UPDATE jobs SET {assignments} WHERE id = $1");
     match db {
         Db::Sqlite(p) => sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -159,9 +171,9 @@ async fn rescue_table(db: &Db) {
         },
     ];
     for case in cases {
-        let id = format!("job-{}", uuid::Uuid::new_v4());
+        let id = new_id("job");
         insert(db, &id).await;
-        let first = db.claim("first", LEASE, 100).await.unwrap();
+        let first = db.claim(&lease("first"), LEASE, 100).await.unwrap();
         assert!(
             first.iter().any(|r| r.id == id),
             "{}: first claim",
@@ -177,7 +189,7 @@ async fn rescue_table(db: &Db) {
             "{}: exhausted",
             case.name
         );
-        let again = db.claim("rescuer", LEASE, 100).await.unwrap();
+        let again = db.claim(&lease("rescuer"), LEASE, 100).await.unwrap();
         let rescued = again.iter().find(|r| r.id == id);
         assert_eq!(
             rescued.is_some(),
@@ -192,12 +204,12 @@ async fn rescue_table(db: &Db) {
                 "{}: a rescue counts as an attempt",
                 case.name
             );
-            assert_eq!(row.lease_token.as_deref(), Some("rescuer"));
+            assert_eq!(row.lease_token, Some(lease("rescuer")));
             // The first worker is late: none of its writes change anything now.
             assert!(
                 !db.complete(
                     &id,
-                    "first",
+                    &lease("first"),
                     b"late",
                     &WrappedKey {
                         kid: "k".into(),
@@ -210,24 +222,28 @@ async fn rescue_table(db: &Db) {
                 case.name
             );
             assert!(
-                !db.fail(&id, "first", &error(), false).await.unwrap(),
+                !db.fail(&id, &lease("first"), &error(), false)
+                    .await
+                    .unwrap(),
                 "{}",
                 case.name
             );
             assert!(
-                !db.schedule_retry(&id, "first", now_millis()).await.unwrap(),
+                !db.schedule_retry(&id, &lease("first"), now_millis())
+                    .await
+                    .unwrap(),
                 "{}",
                 case.name
             );
             assert!(
-                !db.heartbeat(&id, "first", LEASE).await.unwrap(),
+                !db.heartbeat(&id, &lease("first"), LEASE).await.unwrap(),
                 "{}",
                 case.name
             );
             assert!(
                 db.complete(
                     &id,
-                    "rescuer",
+                    &lease("rescuer"),
                     b"r",
                     &WrappedKey {
                         kid: "k".into(),
@@ -242,7 +258,7 @@ async fn rescue_table(db: &Db) {
         }
         if case.failed_as_exhausted {
             let row = db.get_job_by_id(&id).await.unwrap().unwrap();
-            assert_eq!(row.status, "failed", "{}", case.name);
+            assert_eq!(row.status, JobStatus::Failed, "{}", case.name);
             assert!(
                 row.document_dek.is_none(),
                 "{}: the document key is destroyed",
@@ -257,9 +273,12 @@ async fn rescue_table(db: &Db) {
 /// riverqueue/river#1302: a rescuer that read the job before the worker completed it must not
 /// overwrite the completion.
 async fn completion_racing_a_rescue(db: &Db) {
-    let id = format!("race-{}", uuid::Uuid::new_v4());
+    let id = new_id("race");
     insert(db, &id).await;
-    assert_eq!(db.claim("worker", LEASE, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        db.claim(&lease("worker"), LEASE, 10).await.unwrap().len(),
+        1
+    );
     // The lease runs out while the worker is still busy...
     set(db, &id, &format!("lease_until = {}", now_millis() - 1)).await;
     // ...and the worker completes just before the rescuer's claim statement runs.
@@ -268,10 +287,12 @@ async fn completion_racing_a_rescue(db: &Db) {
         bytes: vec![0; 60],
     };
     assert!(
-        db.complete(&id, "worker", b"done", &key).await.unwrap(),
+        db.complete(&id, &lease("worker"), b"done", &key)
+            .await
+            .unwrap(),
         "the lease holder may still finish"
     );
-    let rescued = db.claim("rescuer", LEASE, 10).await.unwrap();
+    let rescued = db.claim(&lease("rescuer"), LEASE, 10).await.unwrap();
     assert!(
         rescued.iter().all(|r| r.id != id),
         "a completed job is never rescued"
@@ -284,19 +305,26 @@ async fn completion_racing_a_rescue(db: &Db) {
             .all(|r| r.id != id)
     );
     let row = db.get_job_by_id(&id).await.unwrap().unwrap();
-    assert_eq!(row.status, "succeeded");
+    assert_eq!(row.status, JobStatus::Succeeded);
     assert_eq!(row.attempts, 1);
 
     // The other order: the rescuer claims first; the late worker's completion is refused.
-    let id = format!("race-{}", uuid::Uuid::new_v4());
+    let id = new_id("race");
     insert(db, &id).await;
-    db.claim("worker", LEASE, 10).await.unwrap();
+    db.claim(&lease("worker"), LEASE, 10).await.unwrap();
     set(db, &id, &format!("lease_until = {}", now_millis() - 1)).await;
-    assert_eq!(db.claim("rescuer", LEASE, 10).await.unwrap().len(), 1);
-    assert!(!db.complete(&id, "worker", b"late", &key).await.unwrap());
+    assert_eq!(
+        db.claim(&lease("rescuer"), LEASE, 10).await.unwrap().len(),
+        1
+    );
+    assert!(
+        !db.complete(&id, &lease("worker"), b"late", &key)
+            .await
+            .unwrap()
+    );
     let row = db.get_job_by_id(&id).await.unwrap().unwrap();
-    assert_eq!(row.status, "processing");
-    assert_eq!(row.lease_token.as_deref(), Some("rescuer"));
+    assert_eq!(row.status, JobStatus::Processing);
+    assert_eq!(row.lease_token, Some(lease("rescuer")));
     assert_eq!(row.attempts, 2);
 }
 
@@ -304,14 +332,15 @@ async fn completion_racing_a_rescue(db: &Db) {
 async fn concurrent_claims_never_share_a_job(db: &Db) {
     let mut ids = Vec::new();
     for _ in 0..40 {
-        let id = format!("c-{}", uuid::Uuid::new_v4());
+        let id = new_id("c");
         insert(db, &id).await;
         ids.push(id);
     }
+    let (a, b, c) = (lease("a"), lease("b"), lease("c"));
     let (a, b, c) = tokio::join!(
-        db.claim("a", LEASE, 20),
-        db.claim("b", LEASE, 20),
-        db.claim("c", LEASE, 20)
+        db.claim(&a, LEASE, 20),
+        db.claim(&b, LEASE, 20),
+        db.claim(&c, LEASE, 20)
     );
     let mut seen = std::collections::HashSet::new();
     for row in a.unwrap().into_iter().chain(b.unwrap()).chain(c.unwrap()) {
@@ -323,14 +352,11 @@ async fn concurrent_claims_never_share_a_job(db: &Db) {
 
 /// Tombstones (ids, times, reason) stay a day, then go.
 async fn tombstones_last_a_day(db: &Db) {
-    let (old, fresh) = (
-        format!("old-{}", uuid::Uuid::new_v4()),
-        format!("fresh-{}", uuid::Uuid::new_v4()),
-    );
+    let (old, fresh) = (new_id("old"), new_id("fresh"));
     for id in [&old, &fresh] {
         insert(db, id).await;
         assert!(
-            db.tombstone_job("u", id, "expired")
+            db.tombstone_job_of(&UserId::from_raw("u"), id, DeletionReason::Expired)
                 .await
                 .unwrap()
                 .is_some()
@@ -338,9 +364,10 @@ async fn tombstones_last_a_day(db: &Db) {
         let row = db.get_job_by_id(id).await.unwrap().unwrap();
         assert!(row.document_dek.is_none() && row.result.is_none() && row.error_message.is_none());
         assert_eq!(
-            row.user_id, "p",
+            row.owner, "p",
             "a tombstone keeps the opaque prefix, not the user id"
         );
+        assert!(row.user_id().is_none());
     }
     let day = 24 * 3600 * 1000;
     set(
@@ -354,10 +381,14 @@ async fn tombstones_last_a_day(db: &Db) {
     assert!(db.get_job_by_id(&fresh).await.unwrap().is_some());
     // Deleting again is a no-op, not an error.
     assert!(
-        db.tombstone_job("u", &fresh, "deleted")
-            .await
-            .unwrap()
-            .is_none()
+        db.tombstone_job_of(
+            &UserId::from_raw("u"),
+            &fresh,
+            DeletionReason::DeletedByUser
+        )
+        .await
+        .unwrap()
+        .is_none()
     );
 }
 
@@ -378,5 +409,5 @@ async fn rescue_rules_hold_on_postgres() {
     concurrent_claims_never_share_a_job(&db).await;
     tombstones_last_a_day(&db).await;
     db.close().await;
-    common::drop_postgres(&name).await;
+    harness::drop_postgres(&name).await;
 }

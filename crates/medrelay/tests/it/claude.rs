@@ -2,15 +2,17 @@
 //! shape, photo preparation, PDF splitting, and the retry schedule the provider's answers
 //! cause (counts of calls and the gaps between them).
 
-mod common;
-
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use common::claude_mock::{Call, Mock, Reply, extraction};
-use common::{Backend, TestApp, corpus_file, jpeg, png, webp};
 use serde_json::{Value, json};
+
+use crate::claude_mock::{Call, Mock, Reply, extraction};
+use crate::fixtures::{
+    corpus_file, heavy_pdf, jpeg, jpeg_with_orientation_6, pages_pdf, png, webp,
+};
+use crate::harness::{Backend, TestApp, eventually};
 
 async fn claude_app(
     base: &str,
@@ -146,7 +148,7 @@ async fn a_150_page_pdf_is_split_into_two_requests_and_merged() {
     let lines: Vec<String> = (1..=150)
         .map(|i| format!("Page {i} of the record"))
         .collect();
-    let pdf = common::pages_pdf(&lines);
+    let pdf = pages_pdf(&lines);
     let job = app.upload_ok(&token, pdf, "application/pdf").await;
     let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "succeeded", "{done}");
@@ -187,21 +189,21 @@ async fn run_one(app: &TestApp) -> (Value, Vec<String>) {
         )
         .await;
     let id = job["id"].as_str().unwrap().to_owned();
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = app.get_job(&token, &id).await;
-        let job: Value = r.json().await.unwrap();
+    let seen = std::cell::RefCell::new(Vec::<String>::new());
+    let job = eventually(Duration::from_secs(60), "a terminal state", || async {
+        let job = app.job(&token, &id).await;
         let status = job["status"].as_str().unwrap().to_owned();
+        let mut seen = seen.borrow_mut();
         if seen.last() != Some(&status) {
             seen.push(status.clone());
         }
-        if status == "succeeded" || status == "failed" {
-            return (job, seen);
+        match status.as_str() {
+            "succeeded" | "failed" => Ok(job),
+            _ => Err(status),
         }
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    (job, seen.into_inner())
 }
 
 fn gaps(calls: &[Call]) -> Vec<Duration> {
@@ -358,26 +360,6 @@ async fn malformed_tool_output_is_a_classified_failure() {
     app.stop().await;
 }
 
-/// A JPEG whose EXIF says "rotate 90° clockwise to display" (orientation 6), with a GPS-like
-/// marker string inside the EXIF block.
-fn jpeg_with_orientation_6(w: u32, h: u32) -> Vec<u8> {
-    let plain = jpeg(w, h);
-    let mut tiff = b"II\x2a\x00\x08\x00\x00\x00".to_vec();
-    tiff.extend_from_slice(&[1, 0]); // one IFD entry
-    tiff.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0]); // Orientation = 6
-    tiff.extend_from_slice(&[0, 0, 0, 0]); // no next IFD
-    tiff.extend_from_slice(b"GPS-CANARY-48.8584N");
-    let mut app1 = b"Exif\0\0".to_vec();
-    app1.extend_from_slice(&tiff);
-    let len = (app1.len() + 2) as u16;
-    let mut out = plain[..2].to_vec();
-    out.extend_from_slice(&[0xff, 0xe1]);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&app1);
-    out.extend_from_slice(&plain[2..]);
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_photo_is_turned_upright_from_its_exif_and_the_exif_is_dropped() {
     let (mock, base) = Mock::start(vec![Reply::ok(extraction("upright"))], None).await;
@@ -408,7 +390,7 @@ async fn a_pdf_too_large_for_one_request_is_split_by_size() {
     let (mock, base) = Mock::start(replies, None).await;
     let app = claude_app(&base, "1s,1s,1s", |_| {}).await;
     let token = app.token("big-scans");
-    let pdf = common::heavy_pdf(3, 10 * 1024 * 1024);
+    let pdf = heavy_pdf(3, 10 * 1024 * 1024);
     assert!(pdf.len() > 30 * 1024 * 1024 && pdf.len() < 32 * 1024 * 1024);
     let job = app.upload_ok(&token, pdf, "application/pdf").await;
     let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;

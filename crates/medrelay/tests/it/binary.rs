@@ -2,17 +2,17 @@
 //! embedded defaults, configuration by environment, file and flags, `token`, `process`,
 //! `purge-user`, `openapi`, SIGTERM, and memory while a large upload streams in.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::claude_mock::{Mock, Reply, extraction};
-use common::{corpus_file, png};
 use reqwest::StatusCode;
 use serde_json::Value;
+
+use crate::claude_mock::{Mock, Reply, extraction};
+use crate::fixtures::{corpus_dir, corpus_file, png, text_pdf};
+use crate::harness::{eventually, walk};
 
 const BIN: &str = env!("CARGO_BIN_EXE_medrelay");
 
@@ -160,8 +160,8 @@ impl Drop for Server {
 }
 
 async fn wait_terminal(http: &reqwest::Client, addr: &str, token: &str, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let what = format!("job {id} succeeded or failed");
+    eventually(Duration::from_secs(60), &what, || async {
         let job: Value = http
             .get(format!("{addr}/v1/jobs/{id}"))
             .bearer_auth(token)
@@ -171,16 +171,16 @@ async fn wait_terminal(http: &reqwest::Client, addr: &str, token: &str, id: &str
             .json()
             .await
             .unwrap();
-        if job["status"] == "succeeded" || job["status"] == "failed" {
-            return job;
+        match job["status"].as_str() {
+            Some("succeeded" | "failed") => Ok(job),
+            _ => Err(job.to_string()),
         }
-        assert!(Instant::now() < deadline, "job {id} not done: {job}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 fn files_below(dir: &Path) -> Vec<std::path::PathBuf> {
-    common::walk(dir)
+    walk(dir)
 }
 
 #[tokio::test]
@@ -331,7 +331,7 @@ async fn a_30_mb_upload_streams_without_holding_the_file_in_memory() {
 #[test]
 fn process_prints_the_result_of_one_file_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let pdf = common::corpus_dir().join("009-pdflatex-geotopo--GeoTopo-komprimiert.pdf");
+    let pdf = corpus_dir().join("009-pdflatex-geotopo--GeoTopo-komprimiert.pdf");
     let out = Command::new(BIN)
         .args(["process"])
         .arg(&pdf)
@@ -352,8 +352,8 @@ fn process_prints_the_result_of_one_file_and_stores_nothing() {
     assert!(result["text"].as_str().unwrap().len() > 10_000);
     assert!(!dir.path().join("data").exists(), "process stores nothing");
 
-    let encrypted = common::corpus_dir()
-        .join("005-libreoffice-writer-password--libreoffice-writer-password.pdf");
+    let encrypted =
+        corpus_dir().join("005-libreoffice-writer-password--libreoffice-writer-password.pdf");
     let out = Command::new(BIN)
         .args(["process"])
         .arg(&encrypted)
@@ -516,7 +516,7 @@ async fn debug_logs_carry_no_patient_content() {
     let http = reqwest::Client::new();
     let text_marker = "CANARYTEXT9902";
     let file_marker = "canary-file-name-5521.pdf";
-    let pdf = common::text_pdf(&["Discharge summary", text_marker, "Seen on 2026-10-02"]);
+    let pdf = text_pdf(&["Discharge summary", text_marker, "Seen on 2026-10-02"]);
     let form = reqwest::multipart::Form::new().part(
         "file",
         reqwest::multipart::Part::bytes(pdf)
@@ -621,11 +621,16 @@ async fn upload_and_wait_for_the_call(server: &Server, mock: &Mock, token: &str)
         .json()
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while mock.calls().is_empty() {
-        assert!(Instant::now() < deadline, "the provider was never called");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(20),
+        "a call to the provider",
+        || async {
+            (!mock.calls().is_empty())
+                .then_some(())
+                .ok_or("no call".to_owned())
+        },
+    )
+    .await;
     job["id"].as_str().unwrap().to_owned()
 }
 
@@ -754,29 +759,26 @@ async fn after_a_sigkill_nothing_outlives_the_ttl() {
     let server = Server::start_at(dir.path(), &env_refs(&envs), &[]);
     let http = reqwest::Client::new();
     let started = Instant::now();
-    loop {
-        let r = http
-            .get(format!("{}/v1/jobs/{id}", server.addr))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        if r.status() == StatusCode::GONE {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the job outlived its TTL after a crash"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !files_below(&objects).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "left behind: {:?}",
-            files_below(&objects)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "the job gone (it must not outlive its TTL after a crash)",
+        || async {
+            let r = http
+                .get(format!("{}/v1/jobs/{id}", server.addr))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            (r.status() == StatusCode::GONE)
+                .then_some(())
+                .ok_or(r.status().to_string())
+        },
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    eventually(Duration::from_secs(5), "nothing left on disk", || async {
+        let left = files_below(&objects);
+        left.is_empty().then_some(()).ok_or(format!("{left:?}"))
+    })
+    .await;
 }

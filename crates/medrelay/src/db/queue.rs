@@ -1,0 +1,242 @@
+//! The queue's transitions: enqueue, claim, heartbeat, complete, fail, retry, release, and the
+//! rescue of jobs whose last attempt lost its lease.
+//!
+//! Every transition of a claimed job is a compare-and-set on its status and lease token, so a
+//! late writer changes nothing. The attempt is counted at the claim, so a crash counts too.
+
+use std::time::Duration;
+
+use super::{Db, Inserted, JobRow, NewJob, Result};
+use crate::clock::{millis, now_millis};
+use crate::crypto::WrappedKey;
+use crate::ids::{JobId, LeaseToken};
+use crate::model::JobError;
+
+const CLAIM_POSTGRES: &str = "UPDATE jobs SET status = 'processing', attempts = attempts + 1, \
+     lease_token = $1, lease_until = $2, updated_at = $3, next_attempt_at = NULL \
+     WHERE id IN (SELECT id FROM jobs WHERE deleted_at IS NULL AND expires_at > $3 \
+        AND attempts < max_attempts \
+        AND ((status IN ('queued', 'retry_scheduled') AND run_at <= $3) \
+             OR (status = 'processing' AND lease_until < $3)) \
+        ORDER BY run_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
+     RETURNING *";
+
+// SQLite has one writer at a time and runs this statement atomically; no row locks needed.
+const CLAIM_SQLITE: &str = "UPDATE jobs SET status = 'processing', attempts = attempts + 1, \
+     lease_token = $1, lease_until = $2, updated_at = $3, next_attempt_at = NULL \
+     WHERE id IN (SELECT id FROM jobs WHERE deleted_at IS NULL AND expires_at > $3 \
+        AND attempts < max_attempts \
+        AND ((status IN ('queued', 'retry_scheduled') AND run_at <= $3) \
+             OR (status = 'processing' AND lease_until < $3)) \
+        ORDER BY run_at LIMIT $4) \
+     RETURNING *";
+
+impl Db {
+    /// Commits a new queued job. A concurrent twin with the same idempotency key yields
+    /// `Existing` instead of a second job.
+    pub async fn insert_job(&self, job: &NewJob) -> Result<Inserted> {
+        let sql = "INSERT INTO jobs (id, user_id, user_prefix, status, media_type, size_bytes, \
+                   attempts, max_attempts, run_at, idempotency_key, created_at, updated_at, \
+                   expires_at, document_kek, document_dek) \
+                   VALUES ($1, $2, $3, 'queued', $4, $5, 0, $6, $7, $8, $7, $7, $9, $10, $11) \
+                   RETURNING *";
+        let inserted = on_pool!(self, |p| sqlx::query_as::<_, JobRow>(sql)
+            .bind(&job.id)
+            .bind(&job.user_id)
+            .bind(&job.user_prefix)
+            .bind(job.media_type)
+            .bind(job.size_bytes)
+            .bind(job.max_attempts)
+            .bind(job.now)
+            .bind(&job.idempotency_key)
+            .bind(job.expires_at)
+            .bind(&job.document_key.kid)
+            .bind(&job.document_key.bytes)
+            .fetch_one(p)
+            .await);
+        match inserted {
+            Ok(row) => Ok(Inserted::Created(Box::new(row))),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                let Some(key) = job.idempotency_key.as_deref() else {
+                    return Err(sqlx::Error::Database(e).into());
+                };
+                // The twin committed first; it is there to read (a vanished twin is a bug).
+                let existing = self
+                    .find_by_idempotency_key(&job.user_id, key)
+                    .await?
+                    .ok_or(super::DbError::NotFound)?;
+                Ok(Inserted::Existing(Box::new(existing)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Claims up to `limit` due jobs (queued, due for retry, or with an expired lease) under a
+    /// fresh lease. The attempt is counted here, so a crash during processing counts too.
+    pub async fn claim(
+        &self,
+        lease_token: &LeaseToken,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<JobRow>> {
+        let now = now_millis();
+        let lease_until = now + millis(lease);
+        let rows = match self {
+            Db::Sqlite(p) => {
+                sqlx::query_as::<_, JobRow>(CLAIM_SQLITE)
+                    .bind(lease_token)
+                    .bind(lease_until)
+                    .bind(now)
+                    .bind(limit)
+                    .fetch_all(p)
+                    .await
+            }
+            Db::Postgres(p) => {
+                sqlx::query_as::<_, JobRow>(CLAIM_POSTGRES)
+                    .bind(lease_token)
+                    .bind(lease_until)
+                    .bind(now)
+                    .bind(limit)
+                    .fetch_all(p)
+                    .await
+            }
+        }?;
+        Ok(rows)
+    }
+
+    /// Extends a lease. `false` when the lease was lost (the job moved on without us).
+    pub async fn heartbeat(
+        &self,
+        id: &JobId,
+        lease_token: &LeaseToken,
+        lease: Duration,
+    ) -> Result<bool> {
+        let now = now_millis();
+        let sql = "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND lease_token = $3 \
+                   AND status = 'processing' AND deleted_at IS NULL";
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(now + millis(lease))
+            .bind(id)
+            .bind(lease_token)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// Marks a claimed job succeeded with its encrypted result, and destroys the document's
+    /// data key in the same commit. `false` if the lease was lost.
+    pub async fn complete(
+        &self,
+        id: &JobId,
+        lease_token: &LeaseToken,
+        result: &[u8],
+        result_key: &WrappedKey,
+    ) -> Result<bool> {
+        let sql = "UPDATE jobs SET status = 'succeeded', result = $1, result_kek = $5, \
+                   result_dek = $6, document_kek = NULL, document_dek = NULL, lease_token = NULL, \
+                   lease_until = NULL, next_attempt_at = NULL, updated_at = $2 \
+                   WHERE id = $3 AND lease_token = $4 AND status = 'processing' \
+                   AND deleted_at IS NULL AND expires_at > $2";
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(result)
+            .bind(now_millis())
+            .bind(id)
+            .bind(lease_token)
+            .bind(&result_key.kid)
+            .bind(&result_key.bytes)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// Marks a claimed job failed and destroys its document's key. An `unmanaged` failure also
+    /// sets `unmanaged_at`, on which the database's trigger queues a purge of the user. `false`
+    /// if the lease was lost.
+    pub async fn fail(
+        &self,
+        id: &JobId,
+        lease_token: &LeaseToken,
+        error: &JobError,
+        unmanaged: bool,
+    ) -> Result<bool> {
+        let sql = "UPDATE jobs SET status = 'failed', error_code = $1, error_message = $2, \
+                   error_retryable = $3, lease_token = NULL, lease_until = NULL, \
+                   document_kek = NULL, document_dek = NULL, \
+                   next_attempt_at = NULL, updated_at = $4, \
+                   unmanaged_at = CASE WHEN $7 THEN $4 ELSE unmanaged_at END \
+                   WHERE id = $5 AND lease_token = $6 AND status = 'processing' \
+                   AND deleted_at IS NULL";
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(&error.code)
+            .bind(&error.message)
+            .bind(error.retryable)
+            .bind(now_millis())
+            .bind(id)
+            .bind(lease_token)
+            .bind(unmanaged)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// Schedules a retry of a claimed job at `run_at`. `false` if the lease was lost.
+    pub async fn schedule_retry(
+        &self,
+        id: &JobId,
+        lease_token: &LeaseToken,
+        run_at: i64,
+    ) -> Result<bool> {
+        let sql = "UPDATE jobs SET status = 'retry_scheduled', run_at = $1, next_attempt_at = $1, \
+                   lease_token = NULL, lease_until = NULL, updated_at = $2 \
+                   WHERE id = $3 AND lease_token = $4 AND status = 'processing' \
+                   AND deleted_at IS NULL";
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(run_at)
+            .bind(now_millis())
+            .bind(id)
+            .bind(lease_token)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// Hands a job this instance will not finish (shutdown) back to the queue, so that another
+    /// instance takes it at once. A graceful hand-back does not use up an attempt: a deploy
+    /// must not exhaust a job's retries (a crash, which cannot hand back, still counts).
+    pub async fn release(&self, id: &JobId, lease_token: &LeaseToken) -> Result<bool> {
+        let sql = "UPDATE jobs SET status = 'queued', attempts = attempts - 1, run_at = 0, \
+                   lease_token = NULL, lease_until = NULL \
+                   WHERE id = $1 AND lease_token = $2 AND status = 'processing'";
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(id)
+            .bind(lease_token)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// Fails jobs whose lease ran out on their last allowed attempt (a crash or a hang on the
+    /// final try): they will not be claimed again. Returns them, so their documents can go.
+    pub async fn fail_exhausted(&self, error: &JobError) -> Result<Vec<JobRow>> {
+        let sql = "UPDATE jobs SET status = 'failed', error_code = $1, error_message = $2, \
+                   error_retryable = $3, lease_token = NULL, lease_until = NULL, \
+                   document_kek = NULL, document_dek = NULL, next_attempt_at = NULL, \
+                   updated_at = $4 \
+                   WHERE deleted_at IS NULL AND status = 'processing' AND lease_until < $4 \
+                   AND attempts >= max_attempts \
+                   RETURNING *";
+        let rows = on_pool!(self, |p| sqlx::query_as::<_, JobRow>(sql)
+            .bind(&error.code)
+            .bind(&error.message)
+            .bind(error.retryable)
+            .bind(now_millis())
+            .fetch_all(p)
+            .await)?;
+        Ok(rows)
+    }
+}

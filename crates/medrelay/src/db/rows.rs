@@ -1,0 +1,155 @@
+//! The rows the database hands back, and how job states and reasons are stored (as TEXT, the
+//! same in both databases).
+
+use crate::crypto::WrappedKey;
+use crate::ids::{JobId, LeaseToken, UserId, UserPrefix};
+use crate::model::{DeletionReason, JobStatus, PurgeReason};
+
+/// A `jobs` row.
+#[derive(Clone, sqlx::FromRow)]
+pub struct JobRow {
+    pub id: JobId,
+    /// The column `user_id`: the owner's user id while the job is live; once tombstoned, the
+    /// opaque user prefix instead (a tombstone keeps no user id). Read [`JobRow::user_id`].
+    #[sqlx(rename = "user_id")]
+    pub owner: String,
+    pub user_prefix: UserPrefix,
+    pub status: JobStatus,
+    pub media_type: String,
+    pub size_bytes: i64,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub run_at: i64,
+    pub next_attempt_at: Option<i64>,
+    pub lease_token: Option<LeaseToken>,
+    pub lease_until: Option<i64>,
+    pub result: Option<Vec<u8>>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub error_retryable: Option<bool>,
+    pub idempotency_key: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub expires_at: i64,
+    pub deleted_at: Option<i64>,
+    pub deleted_reason: Option<DeletionReason>,
+    pub document_kek: Option<String>,
+    pub document_dek: Option<Vec<u8>>,
+    pub result_kek: Option<String>,
+    pub result_dek: Option<Vec<u8>>,
+    pub unmanaged_at: Option<i64>,
+}
+
+impl std::fmt::Debug for JobRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobRow")
+            .field("id", &self.id)
+            .field("status", &self.status)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JobRow {
+    /// The owner, while the job is live (a tombstone has none).
+    pub fn user_id(&self) -> Option<UserId> {
+        self.deleted_at
+            .is_none()
+            .then(|| UserId::from_raw(self.owner.clone()))
+    }
+
+    /// The wrapped data key of the document, while the document exists.
+    pub fn document_key(&self) -> Option<WrappedKey> {
+        Some(WrappedKey {
+            kid: self.document_kek.clone()?,
+            bytes: self.document_dek.clone()?,
+        })
+    }
+
+    /// The wrapped data key of the result, while the result exists.
+    pub fn result_key(&self) -> Option<WrappedKey> {
+        Some(WrappedKey {
+            kid: self.result_kek.clone()?,
+            bytes: self.result_dek.clone()?,
+        })
+    }
+}
+
+/// A purge of one user's data, as queued by the database and recorded for audit.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PurgeRow {
+    pub id: i64,
+    pub user_prefix: UserPrefix,
+    pub reason: PurgeReason,
+    pub job_id: Option<JobId>,
+    pub requested_at: i64,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    pub jobs_purged: Option<i64>,
+    pub objects_deleted: Option<i64>,
+}
+
+/// A new job, about to be committed after its document was stored.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: JobId,
+    pub user_id: UserId,
+    pub user_prefix: UserPrefix,
+    pub media_type: &'static str,
+    pub size_bytes: i64,
+    pub max_attempts: i64,
+    pub idempotency_key: Option<String>,
+    pub document_key: WrappedKey,
+    pub now: i64,
+    pub expires_at: i64,
+}
+
+/// What inserting a job did.
+#[derive(Debug)]
+pub enum Inserted {
+    Created(Box<JobRow>),
+    /// Another request with the same idempotency key won the race.
+    Existing(Box<JobRow>),
+}
+
+/// Stores a Rust enum as its TEXT name in both databases; an unknown name is a decode error.
+macro_rules! stored_as_text {
+    ($($ty:ty),*) => {$(
+        impl<DB: sqlx::Database> sqlx::Type<DB> for $ty
+        where
+            str: sqlx::Type<DB>,
+        {
+            fn type_info() -> DB::TypeInfo {
+                <str as sqlx::Type<DB>>::type_info()
+            }
+            fn compatible(ty: &DB::TypeInfo) -> bool {
+                <str as sqlx::Type<DB>>::compatible(ty)
+            }
+        }
+
+        impl<'q, DB: sqlx::Database> sqlx::Encode<'q, DB> for $ty
+        where
+            &'static str: sqlx::Encode<'q, DB>,
+        {
+            fn encode_by_ref(
+                &self,
+                buf: &mut DB::ArgumentBuffer,
+            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <&'static str as sqlx::Encode<'q, DB>>::encode(self.as_str(), buf)
+            }
+        }
+
+        impl<'r, DB: sqlx::Database> sqlx::Decode<'r, DB> for $ty
+        where
+            &'r str: sqlx::Decode<'r, DB>,
+        {
+            fn decode(value: DB::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+                let text = <&'r str as sqlx::Decode<'r, DB>>::decode(value)?;
+                <$ty>::parse(text)
+                    .ok_or_else(|| format!("unknown {} {text:?}", stringify!($ty)).into())
+            }
+        }
+    )*};
+}
+
+stored_as_text!(JobStatus, DeletionReason, PurgeReason);

@@ -1,0 +1,175 @@
+//! Accepting a document: it is sealed as it streams in (a fresh data key per document, the
+//! key stored only wrapped), written to the store, and only then is its job committed. No
+//! 202 without both; no object without a row; a refused upload leaves nothing behind.
+
+use bytes::Bytes;
+use object_store::path::Path;
+
+use super::{Error, Lifecycle};
+use crate::clock::{millis, now_millis};
+use crate::crypto::{SealingStream, WrappedKey};
+use crate::db::{Inserted, NewJob};
+use crate::ids::{JobId, UserId, UserPrefix};
+use crate::model::Job;
+use crate::processor::MediaType;
+use crate::store::{ObjectWriter, Store};
+
+/// A document being received: every pushed byte is sealed and on its way to the store.
+pub struct Incoming {
+    lifecycle: Lifecycle,
+    user: UserId,
+    prefix: UserPrefix,
+    id: JobId,
+    media_type: MediaType,
+    path: Path,
+    sealer: SealingStream,
+    writer: ObjectWriter,
+    key: WrappedKey,
+    size: u64,
+}
+
+/// What committing an upload gave the app.
+#[derive(Debug)]
+pub enum Accepted {
+    /// A new job, queued.
+    Created(Box<Job>),
+    /// The job an earlier request with the same idempotency key created; this copy is gone.
+    Existing(Box<Job>),
+}
+
+impl Lifecycle {
+    /// Starts receiving a document of `user`, whose type was decided from its first bytes.
+    pub fn accept(&self, user: &UserId, media_type: MediaType) -> Result<Incoming, Error> {
+        let id = JobId::new();
+        let prefix = self.user_prefix(user);
+        // Encrypted before a byte leaves the process.
+        let (key, wrapped) = self
+            .new_document_key(&prefix, &id)
+            .map_err(Error::Internal)?;
+        let sealer = self
+            .document_sealer(&key, &prefix, &id)
+            .map_err(Error::Internal)?;
+        drop(key);
+        let path = Store::document_key(&prefix, &id);
+        let writer = self.store().writer(&path);
+        Ok(Incoming {
+            lifecycle: self.clone(),
+            user: user.clone(),
+            prefix,
+            id,
+            media_type,
+            path,
+            sealer,
+            writer,
+            key: wrapped,
+            size: 0,
+        })
+    }
+}
+
+impl Incoming {
+    /// Seals and writes the next bytes of the document.
+    pub async fn push(&mut self, chunk: &[u8]) -> Result<(), Error> {
+        self.size += chunk.len() as u64;
+        let parts = self.sealer.push(chunk).map_err(Error::Internal)?;
+        self.write(parts).await
+    }
+
+    /// Bytes received so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn write(&mut self, parts: Vec<Bytes>) -> Result<(), Error> {
+        for part in parts {
+            self.writer.write(part).await.map_err(Error::Unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses the upload: whatever was written is removed.
+    pub async fn abort(self) {
+        self.writer.abort().await;
+    }
+
+    /// Finishes the object, then commits its job (idempotently, with `idempotency_key`).
+    pub async fn commit(self, idempotency_key: Option<String>) -> Result<Accepted, Error> {
+        let last = match self.sealer.finish() {
+            Ok(last) => last,
+            Err(e) => {
+                self.writer.abort().await;
+                return Err(Error::Internal(e));
+            }
+        };
+        // `finish` consumed the sealer: what is left to do is write and commit.
+        let Incoming {
+            lifecycle,
+            user,
+            prefix,
+            id,
+            media_type,
+            path,
+            mut writer,
+            key,
+            size,
+            ..
+        } = self;
+        let written = async {
+            for part in last {
+                writer.write(part).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        if let Err(e) = written {
+            writer.abort().await;
+            return Err(Error::Unavailable(e));
+        }
+        writer.finish().await.map_err(Error::Unavailable)?;
+
+        let now = now_millis();
+        let new_job = NewJob {
+            id,
+            user_id: user,
+            user_prefix: prefix,
+            media_type: media_type.as_str(),
+            size_bytes: size as i64,
+            max_attempts: lifecycle.rules().max_attempts(),
+            idempotency_key,
+            document_key: key,
+            now,
+            expires_at: now + millis(lifecycle.rules().temp_ttl),
+        };
+        let inserted = match lifecycle.db().insert_job(&new_job).await {
+            Ok(inserted) => inserted,
+            Err(e) => {
+                // No 202 without a committed row, and no object without a row.
+                lifecycle.discard(&path).await;
+                return Err(e.into());
+            }
+        };
+        match inserted {
+            Inserted::Created(row) => {
+                metrics::counter!("medrelay_upload_bytes_total").increment(size);
+                metrics::counter!("medrelay_uploads_total", "media_type" => media_type.as_str())
+                    .increment(1);
+                tracing::info!(job_id = %row.id, size, media_type = media_type.as_str(), "document accepted");
+                lifecycle.wake_worker();
+                Ok(Accepted::Created(Box::new(lifecycle.view(&row)?)))
+            }
+            Inserted::Existing(row) => {
+                lifecycle.discard(&path).await;
+                Ok(Accepted::Existing(Box::new(lifecycle.view(&row)?)))
+            }
+        }
+    }
+}
+
+impl Lifecycle {
+    /// Removes the object of an upload that will not become a job.
+    async fn discard(&self, path: &Path) {
+        if let Err(e) = self.store().delete(path).await {
+            super::log_repairable("removing a refused upload", &e);
+        }
+    }
+}

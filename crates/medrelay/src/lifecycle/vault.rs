@@ -1,0 +1,123 @@
+//! Sealing and opening: a document as it streams in, the document for its attempt, the
+//! result for its owner. Every ciphertext is bound to its user prefix, job and kind, so a
+//! ciphertext moved to another job fails to open. Opening fails closed: no plaintext leaves
+//! unless every segment authenticated.
+
+use bytes::Bytes;
+use zeroize::Zeroizing;
+
+use super::Lifecycle;
+use crate::crypto::{self, Binding, DataKey, IntegrityError, WrappedKey};
+use crate::db::JobRow;
+use crate::ids::{JobId, UserPrefix};
+use crate::model::DocumentResult;
+use crate::processor::{Document, MediaType, ProcessError, Refusal};
+use crate::store::{ObjectKind, Store};
+
+/// What `Binding::kind` says for a result (kept in the job row, not the store).
+const RESULT_KIND: &str = "result";
+
+fn binding<'a>(prefix: &'a UserPrefix, job: &'a JobId, kind: &'a str) -> Binding<'a> {
+    Binding {
+        user_prefix: prefix.as_str(),
+        job_id: job.as_str(),
+        kind,
+    }
+}
+
+/// An encrypted result and its wrapped data key.
+pub(super) struct SealedResult {
+    pub sealed: Vec<u8>,
+    pub key: WrappedKey,
+}
+
+impl Lifecycle {
+    /// A fresh data key for a new document, and its wrapped form for the job row.
+    pub(super) fn new_document_key(
+        &self,
+        prefix: &UserPrefix,
+        job: &JobId,
+    ) -> anyhow::Result<(DataKey, WrappedKey)> {
+        let kind = ObjectKind::Document.name();
+        self.inner.keyring.new_data_key(&binding(prefix, job, kind))
+    }
+
+    /// The stream cipher for a new document's bytes.
+    pub(super) fn document_sealer(
+        &self,
+        key: &DataKey,
+        prefix: &UserPrefix,
+        job: &JobId,
+    ) -> anyhow::Result<crypto::SealingStream> {
+        let kind = ObjectKind::Document.name();
+        crypto::SealingStream::new(key, &binding(prefix, job, kind))
+    }
+
+    /// Reads and opens a job's document for its attempt. A missing object is an ordinary
+    /// failure (a delete raced the upload); a failed integrity check is unmanaged.
+    pub(super) async fn open_document(&self, row: &JobRow) -> Result<Document, ProcessError> {
+        let media_type = MediaType::parse(&row.media_type).ok_or_else(|| {
+            ProcessError::Unmanaged(anyhow::anyhow!("job has an unknown media type"))
+        })?;
+        let path = Store::document_key(&row.user_prefix, &row.id);
+        let bytes = match self.inner.store.read(&path).await {
+            Ok(bytes) => bytes,
+            // A delete of the user's data can race an upload's commit: an ordinary failure,
+            // not a reason to purge everything of the user.
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(ProcessError::Abort(Refusal::Missing));
+            }
+            Err(e) => {
+                return Err(ProcessError::Retry {
+                    reason: format!("reading the document: {e}"),
+                    retry_after: None,
+                });
+            }
+        };
+        let kind = ObjectKind::Document.name();
+        let binding = binding(&row.user_prefix, &row.id, kind);
+        let wrapped = row.document_key().ok_or_else(|| {
+            ProcessError::Unmanaged(anyhow::anyhow!("the job's document key is missing"))
+        })?;
+        let plaintext = self
+            .inner
+            .keyring
+            .unwrap_key(&wrapped, &binding)
+            .and_then(|key| crypto::open(&key, &binding, &bytes))
+            .map_err(|e| ProcessError::Unmanaged(e.into()))?;
+        drop(bytes);
+        Ok(Document {
+            media_type,
+            bytes: Bytes::from(plaintext.to_vec()),
+        })
+    }
+
+    /// Seals a result under a fresh data key bound to its job.
+    pub(super) fn seal_result(
+        &self,
+        row: &JobRow,
+        result: &DocumentResult,
+    ) -> anyhow::Result<SealedResult> {
+        let json = Zeroizing::new(serde_json::to_vec(result)?);
+        let binding = binding(&row.user_prefix, &row.id, RESULT_KIND);
+        let (key, wrapped) = self.inner.keyring.new_data_key(&binding)?;
+        let sealed = crypto::seal(&key, &binding, &json)?;
+        Ok(SealedResult {
+            sealed,
+            key: wrapped,
+        })
+    }
+
+    /// Opens a stored result; `None` when the row holds none.
+    pub(super) fn open_result(
+        &self,
+        row: &JobRow,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, IntegrityError> {
+        let (Some(sealed), Some(wrapped)) = (&row.result, row.result_key()) else {
+            return Ok(None);
+        };
+        let binding = binding(&row.user_prefix, &row.id, RESULT_KIND);
+        let key = self.inner.keyring.unwrap_key(&wrapped, &binding)?;
+        crypto::open(&key, &binding, sealed).map(Some)
+    }
+}

@@ -1,0 +1,26 @@
+//! The integration suite: one test binary, a module per behaviour. Every test starts the real
+//! application (or the real `medrelay` binary) and drives it as a client would; the
+//! behavioural modules run on every backend: SQLite and PostgreSQL, each with the local
+//! folder and with S3 (moto).
+
+// Support
+mod claude_mock;
+mod fixtures;
+#[macro_use]
+mod harness;
+mod scripted;
+
+// Behaviour
+mod access;
+mod architecture;
+mod binary;
+mod claude;
+mod deletion;
+mod encryption;
+mod expiry;
+mod local_processor;
+mod operations;
+mod polling;
+mod purge;
+mod queue;
+mod upload;
