@@ -421,11 +421,6 @@ impl Settings {
             .clone()
             .unwrap_or_else(|| self.data_dir.join("master.key"))
     }
-
-    /// Attempts a job may start: the first try and one per retry delay.
-    pub fn max_attempts(&self) -> i64 {
-        1 + self.retry_delays.0.len() as i64
-    }
 }
 
 #[cfg(test)]
@@ -465,7 +460,6 @@ mod tests {
         assert_eq!(s.max_upload_bytes, 33_554_432);
         assert_eq!(s.workers, 16);
         assert_eq!(s.lease, Duration::from_secs(120));
-        assert_eq!(s.max_attempts(), 4);
         assert_eq!(
             s.database_url(),
             format!("sqlite://{}", Path::new("./data/medrelay.db").display())

@@ -12,8 +12,7 @@ use serde::{Deserialize, Serialize};
 macro_rules! text_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, sqlx::Type)]
-        #[serde(transparent)]
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, sqlx::Type)]
         #[sqlx(transparent)]
         pub struct $name(String);
 
@@ -31,9 +30,22 @@ macro_rules! text_id {
 }
 
 text_id!(
-    /// A job's id (a UUIDv7: time-ordered, opaque). Also the id of its upload.
+    /// A job's id (a UUIDv7: time-ordered, opaque). Also the id of its upload. In the wire
+    /// format and in paths, it is a plain string.
     JobId
 );
+
+impl Serialize for JobId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for JobId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(JobId)
+    }
+}
 text_id!(
     /// The authenticated caller: the token's `sub`. Never logged, never in an object key.
     UserId

@@ -112,9 +112,11 @@ pub enum Inserted {
     Existing(Box<JobRow>),
 }
 
-/// Stores a Rust enum as its TEXT name in both databases; an unknown name is a decode error.
+/// Stores a Rust enum as its TEXT name in both databases. A name this version does not know
+/// (written by a newer one during a rolling deploy) reads as `$fallback` with a warning, so
+/// that one such row cannot stop the sweeper or the purge queue.
 macro_rules! stored_as_text {
-    ($($ty:ty),*) => {$(
+    ($($ty:ty => $fallback:expr),*) => {$(
         impl<DB: sqlx::Database> sqlx::Type<DB> for $ty
         where
             str: sqlx::Type<DB>,
@@ -145,11 +147,19 @@ macro_rules! stored_as_text {
         {
             fn decode(value: DB::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
                 let text = <&'r str as sqlx::Decode<'r, DB>>::decode(value)?;
-                <$ty>::parse(text)
-                    .ok_or_else(|| format!("unknown {} {text:?}", stringify!($ty)).into())
+                Ok(<$ty>::parse(text).unwrap_or_else(|| {
+                    tracing::warn!(value = text, "unknown {} read as {:?}", stringify!($ty), $fallback);
+                    $fallback
+                }))
             }
         }
     )*};
 }
 
-stored_as_text!(JobStatus, DeletionReason, PurgeReason);
+// An unknown status ends nowhere new: treated as failed (never claimed, expired as usual). An
+// unknown deletion reason is a deletion (404, not 410).
+stored_as_text!(
+    JobStatus => JobStatus::Failed,
+    DeletionReason => DeletionReason::DeletedByUser,
+    PurgeReason => PurgeReason::UnmanagedFailure
+);

@@ -13,8 +13,6 @@ use utoipa::ToSchema;
 
 pub use codes::Code;
 
-use crate::db::DbError;
-
 /// An RFC 9457 problem document, as every error response carries it.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema)]
 pub struct Problem {
@@ -117,18 +115,6 @@ impl ApiError {
             detail: self.detail(),
             code: code.as_str().into(),
             retryable: code.retryable(),
-        }
-    }
-}
-
-impl From<DbError> for ApiError {
-    /// An outage is a retryable 503; anything else (a malformed query, a missing row that
-    /// had to be there) is a 500: a bug must not look like an outage.
-    fn from(e: DbError) -> Self {
-        if e.is_unavailable() {
-            ApiError::Unavailable(e.into())
-        } else {
-            ApiError::Internal(e.into())
         }
     }
 }

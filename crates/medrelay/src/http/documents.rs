@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 
 use crate::auth::User;
 use crate::error::{ApiError, Problem};
-use crate::lifecycle::{Accepted, Incoming};
+use crate::lifecycle::Incoming;
 use crate::model::Job;
 use crate::processor::sniff::SNIFF_LEN;
 use crate::processor::{Sniffed, sniff};
@@ -91,10 +91,8 @@ pub async fn create_document(
             return Err(e);
         }
     };
-    let job = match incoming.commit(idempotency_key).await? {
-        Accepted::Created(job) | Accepted::Existing(job) => job,
-    };
-    Ok(accepted(*job))
+    let job = incoming.commit(idempotency_key).await?;
+    Ok(accepted(job))
 }
 
 enum Received {

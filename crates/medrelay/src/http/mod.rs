@@ -150,11 +150,18 @@ async fn problem_for_bare_errors(req: Request, next: Next) -> Response {
     problem
 }
 
+/// An outage is a retryable 503; anything else is a 500: a bug must not look like an outage.
 impl From<crate::lifecycle::Error> for ApiError {
     fn from(e: crate::lifecycle::Error) -> Self {
         match e {
             crate::lifecycle::Error::Unavailable(e) => ApiError::Unavailable(e),
             crate::lifecycle::Error::Internal(e) => ApiError::Internal(e),
         }
+    }
+}
+
+impl From<crate::db::DbError> for ApiError {
+    fn from(e: crate::db::DbError) -> Self {
+        crate::lifecycle::Error::from(e).into()
     }
 }

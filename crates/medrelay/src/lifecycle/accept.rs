@@ -28,15 +28,6 @@ pub struct Incoming {
     size: u64,
 }
 
-/// What committing an upload gave the app.
-#[derive(Debug)]
-pub enum Accepted {
-    /// A new job, queued.
-    Created(Box<Job>),
-    /// The job an earlier request with the same idempotency key created; this copy is gone.
-    Existing(Box<Job>),
-}
-
 impl Lifecycle {
     /// Starts receiving a document of `user`, whose type was decided from its first bytes.
     pub fn accept(&self, user: &UserId, media_type: MediaType) -> Result<Incoming, Error> {
@@ -92,8 +83,9 @@ impl Incoming {
         self.writer.abort().await;
     }
 
-    /// Finishes the object, then commits its job (idempotently, with `idempotency_key`).
-    pub async fn commit(self, idempotency_key: Option<String>) -> Result<Accepted, Error> {
+    /// Finishes the object, then commits its job (idempotently, with `idempotency_key`: a
+    /// request that lost the race to a twin gets the twin's job, and its copy is removed).
+    pub async fn commit(self, idempotency_key: Option<String>) -> Result<Job, Error> {
         let last = match self.sealer.finish() {
             Ok(last) => last,
             Err(e) => {
@@ -155,11 +147,11 @@ impl Incoming {
                     .increment(1);
                 tracing::info!(job_id = %row.id, size, media_type = media_type.as_str(), "document accepted");
                 lifecycle.wake_worker();
-                Ok(Accepted::Created(Box::new(lifecycle.view(&row)?)))
+                lifecycle.view(&row)
             }
             Inserted::Existing(row) => {
                 lifecycle.discard(&path).await;
-                Ok(Accepted::Existing(Box::new(lifecycle.view(&row)?)))
+                lifecycle.view(&row)
             }
         }
     }

@@ -15,12 +15,12 @@ use crate::db::JobRow;
 use crate::error::Code;
 use crate::ids::{JobId, LeaseToken};
 use crate::model::{DocumentResult, JobError};
-use crate::processor::{Document, ProcessError};
+use crate::processor::ProcessError;
 
 /// A job this process claimed, with the token of its lease.
 #[derive(Clone, Debug)]
 pub struct Claimed {
-    row: JobRow,
+    pub(super) row: JobRow,
     lease: LeaseToken,
 }
 
@@ -70,11 +70,6 @@ impl Lifecycle {
             .db()
             .heartbeat(&job.row.id, &job.lease, self.rules().lease)
             .await?)
-    }
-
-    /// Reads and opens the job's document (fails closed).
-    pub async fn document(&self, job: &Claimed) -> Result<Document, ProcessError> {
-        self.open_document(&job.row).await
     }
 
     /// Hands a job this process will not finish (shutdown) back to the queue. The attempt is
@@ -133,7 +128,8 @@ impl Lifecycle {
             }
         };
         if let Some(end) = ended {
-            self.forget_job(&row.user_prefix, &row.id, end).await;
+            self.forget_job_quietly(&row.user_prefix, &row.id, end)
+                .await;
         }
         Ok(())
     }
@@ -162,7 +158,7 @@ impl Lifecycle {
         let rows = self.db().fail_exhausted(&retries_exhausted()).await?;
         for row in rows {
             tracing::warn!(job_id = %row.id, "last attempt lost its lease: job failed");
-            self.forget_job(&row.user_prefix, &row.id, End::Failed(Failure::LeaseLost))
+            self.forget_job_quietly(&row.user_prefix, &row.id, End::Failed(Failure::LeaseLost))
                 .await;
         }
         Ok(())

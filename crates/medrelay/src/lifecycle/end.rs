@@ -73,12 +73,16 @@ pub enum DeleteOutcome {
 
 impl Lifecycle {
     /// After the commit that ended a job: stop its attempt, delete its objects, publish the
-    /// change, count it. A failed delete is logged; the sweeper removes the object by its age.
-    pub(super) async fn forget_job(&self, prefix: &UserPrefix, id: &JobId, end: End) {
+    /// change, count it. The keys are already gone, so a failed delete leaves only unreadable
+    /// bytes, which the sweeper removes by their age; it is returned for the caller to report.
+    pub(super) async fn forget_job(
+        &self,
+        prefix: &UserPrefix,
+        id: &JobId,
+        end: End,
+    ) -> Result<(), Error> {
         self.running().cancel(id);
-        if let Err(e) = self.store().delete_job_objects(prefix, id).await {
-            log_repairable("deleting a job's objects", &e);
-        }
+        let deleted = self.store().delete_job_objects(prefix, id).await;
         self.publish(id);
         match &end {
             End::Succeeded => {
@@ -95,6 +99,14 @@ impl Lifecycle {
                 metrics::counter!("medrelay_deletions_total", "reason" => reason.metric_label())
                     .increment(1)
             }
+        }
+        deleted.map_err(Error::Unavailable)
+    }
+
+    /// [`Lifecycle::forget_job`] where nobody waits for the answer: a failed delete is logged.
+    pub(super) async fn forget_job_quietly(&self, prefix: &UserPrefix, id: &JobId, end: End) {
+        if let Err(e) = self.forget_job(prefix, id, end).await {
+            log_repairable("deleting a job's objects", &e.into());
         }
     }
 
@@ -116,8 +128,10 @@ impl Lifecycle {
         let reason = DeletionReason::DeletedByUser;
         match self.db().tombstone_job_of(user, id, reason).await? {
             Some(row) => {
+                // The keys are destroyed; a store failure is still reported (503), as the app
+                // asked for the bytes to be gone now.
                 self.forget_job(&row.user_prefix, &row.id, End::Deleted(reason))
-                    .await;
+                    .await?;
                 Ok(DeleteOutcome::Deleted)
             }
             None => {

@@ -20,7 +20,7 @@ impl Lifecycle {
             for row in rows {
                 let reason = DeletionReason::Expired;
                 if let Some(row) = self.db().tombstone_job(&row.id, reason).await? {
-                    self.forget_job(&row.user_prefix, &row.id, End::Deleted(reason))
+                    self.forget_job_quietly(&row.user_prefix, &row.id, End::Deleted(reason))
                         .await;
                     expired += 1;
                 }

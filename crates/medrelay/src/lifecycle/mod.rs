@@ -34,7 +34,7 @@ use std::time::Duration;
 use aws_lc_rs::hmac;
 use tokio::sync::{Notify, broadcast};
 
-pub use accept::{Accepted, Incoming};
+pub use accept::Incoming;
 pub use attempt::{Claimed, retry_delay};
 pub use end::DeleteOutcome;
 pub use events::relay_notifications;
@@ -187,4 +187,16 @@ impl Lifecycle {
 /// Logs a failed side effect that a later sweep repairs.
 fn log_repairable(what: &str, e: &anyhow::Error) {
     tracing::warn!(error = %format!("{e:#}"), "{what} failed; the sweeper will retry");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_may_start_the_first_try_and_one_attempt_per_retry_delay() {
+        let rules = Rules::from_settings(&Settings::defaults());
+        assert_eq!(rules.retry_delays.len(), 3);
+        assert_eq!(rules.max_attempts(), 4);
+    }
 }

@@ -26,28 +26,20 @@ impl RunningJobs {
         self.0.lock().contains_key(id)
     }
 
-    /// Stops one job; returns whether it was running here.
-    pub fn cancel(&self, id: &JobId) -> bool {
-        match self.0.lock().get(id) {
-            Some((_, token)) => {
-                token.cancel();
-                true
-            }
-            None => false,
+    /// Stops one job, if it runs here.
+    pub fn cancel(&self, id: &JobId) {
+        if let Some((_, token)) = self.0.lock().get(id) {
+            token.cancel();
         }
     }
 
-    /// Stops every job of one user.
-    pub fn cancel_owner(&self, owner: &UserPrefix) -> usize {
-        let guard = self.0.lock();
-        let mut n = 0;
-        for (prefix, token) in guard.values() {
+    /// Stops every job of one user that runs here.
+    pub fn cancel_owner(&self, owner: &UserPrefix) {
+        for (prefix, token) in self.0.lock().values() {
             if prefix == owner {
                 token.cancel();
-                n += 1;
             }
         }
-        n
     }
 
     pub fn len(&self) -> usize {

@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use zeroize::Zeroizing;
 
-use super::Lifecycle;
+use super::{Claimed, Lifecycle};
 use crate::crypto::{self, Binding, DataKey, IntegrityError, WrappedKey};
 use crate::db::JobRow;
 use crate::ids::{JobId, UserPrefix};
@@ -53,9 +53,10 @@ impl Lifecycle {
         crypto::SealingStream::new(key, &binding(prefix, job, kind))
     }
 
-    /// Reads and opens a job's document for its attempt. A missing object is an ordinary
-    /// failure (a delete raced the upload); a failed integrity check is unmanaged.
-    pub(super) async fn open_document(&self, row: &JobRow) -> Result<Document, ProcessError> {
+    /// Reads and opens a claimed job's document (fails closed). A missing object is an
+    /// ordinary failure (a delete raced the upload); a failed integrity check is unmanaged.
+    pub async fn document(&self, job: &Claimed) -> Result<Document, ProcessError> {
+        let row = &job.row;
         let media_type = MediaType::parse(&row.media_type).ok_or_else(|| {
             ProcessError::Unmanaged(anyhow::anyhow!("job has an unknown media type"))
         })?;

@@ -90,18 +90,23 @@ impl Local {
         removed
     }
 
-    /// Removes the folders of `path` that are now empty (an aborted local upload leaves its
-    /// folders behind; a non-empty folder is left alone).
+    /// Removes the folders of `path` that are now empty.
     pub fn prune_empty_parents(&self, path: &Path) {
-        let parts: Vec<_> = path.parts().collect();
-        for depth in (1..parts.len()).rev() {
-            let mut dir = self.root.clone();
-            for part in &parts[..depth] {
-                dir.push(part.as_ref());
-            }
-            if std::fs::remove_dir(&dir).is_err() {
-                break;
-            }
+        prune_empty_parents(&self.root, path);
+    }
+}
+
+/// Removes the folders of `path` below `root` that are empty (an aborted local upload leaves
+/// its folders behind; a non-empty folder is left alone).
+fn prune_empty_parents(root: &std::path::Path, path: &Path) {
+    let parts: Vec<_> = path.parts().collect();
+    for depth in (1..parts.len()).rev() {
+        let mut dir = root.to_path_buf();
+        for part in &parts[..depth] {
+            dir.push(part.as_ref());
+        }
+        if std::fs::remove_dir(&dir).is_err() {
+            break;
         }
     }
 }
@@ -127,16 +132,13 @@ impl LocalWriter {
         // A part write already handed to a blocking thread cannot be cancelled and may remove
         // its staging file only after the abort returned: prune until the job's folder is gone
         // (bounded; the sweeper removes whatever is still left).
-        let local = Local {
-            root: self.root.clone(),
-        };
         let job_dir = self
             .path
             .parts()
             .take(self.path.parts().count().saturating_sub(1))
             .fold(self.root.clone(), |dir, part| dir.join(part.as_ref()));
         for _ in 0..20 {
-            local.prune_empty_parents(&self.path);
+            prune_empty_parents(&self.root, &self.path);
             if !job_dir.exists() {
                 break;
             }

@@ -35,12 +35,6 @@ enum Backend {
     S3(S3),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StoreKind {
-    Local,
-    S3,
-}
-
 /// What an object is, as the last segment of its key (and the `kind` its encryption binds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ObjectKind {
@@ -82,13 +76,6 @@ impl Store {
         Ok(Store { inner, backend })
     }
 
-    pub fn kind(&self) -> StoreKind {
-        match self.backend {
-            Backend::Local(_) => StoreKind::Local,
-            Backend::S3(_) => StoreKind::S3,
-        }
-    }
-
     /// Everything of one user: `{user prefix}`.
     pub fn user_root(user: &UserPrefix) -> Path {
         Path::from(user.as_str())
@@ -99,9 +86,14 @@ impl Store {
         Self::user_root(user).join(job.as_str())
     }
 
+    /// One object of a job: `{user prefix}/{job id}/{kind}`.
+    fn object_key(user: &UserPrefix, job: &JobId, kind: ObjectKind) -> Path {
+        Self::job_prefix(user, job).join(kind.name())
+    }
+
     /// A job's document: `{user prefix}/{job id}/document`.
     pub fn document_key(user: &UserPrefix, job: &JobId) -> Path {
-        Self::job_prefix(user, job).join(ObjectKind::Document.name())
+        Self::object_key(user, job, ObjectKind::Document)
     }
 
     /// A streaming writer. The chunk size bounds memory per upload: S3 needs parts of 5 MiB at
@@ -160,7 +152,7 @@ impl Store {
     /// gone is success.
     pub async fn delete_job_objects(&self, user: &UserPrefix, job: &JobId) -> anyhow::Result<()> {
         for kind in ObjectKind::ALL {
-            let path = Self::job_prefix(user, job).join(kind.name());
+            let path = Self::object_key(user, job, kind);
             self.delete(&path).await?;
             self.prune_empty(&path);
         }

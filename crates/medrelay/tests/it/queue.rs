@@ -369,6 +369,11 @@ async fn tombstones_last_a_day(db: &Db) {
         );
         assert!(row.user_id().is_none());
     }
+    // A reason written by a newer version reads as a deletion instead of failing the read
+    // (one such row must not stop the sweeper).
+    set(db, &fresh, "deleted_reason = 'from-a-newer-version'").await;
+    let row = db.get_job_by_id(&fresh).await.unwrap().unwrap();
+    assert_eq!(row.deleted_reason, Some(DeletionReason::DeletedByUser));
     let day = 24 * 3600 * 1000;
     set(
         db,
