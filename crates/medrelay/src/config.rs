@@ -242,6 +242,14 @@ pub struct Settings {
     pub jwt_issuer: Option<String>,
     #[serde(default, deserialize_with = "loose_opt_string")]
     pub jwt_audience: Option<String>,
+    /// Address-space limit of a parser child, in bytes.
+    pub sandbox_memory: u64,
+    /// Wall-clock deadline (and CPU-time limit) of a parser child.
+    #[serde(with = "duration")]
+    pub sandbox_timeout: Duration,
+    /// The binary re-executed as the parser child (default: this process's executable).
+    #[serde(default)]
+    pub sandbox_exe: Option<PathBuf>,
     pub roles: Roles,
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
@@ -276,6 +284,8 @@ impl fmt::Debug for Settings {
             .field("master_key", &self.master_key)
             .field("jwt_secret", &self.jwt_secret)
             .field("jwks_url", &self.jwks_url)
+            .field("sandbox_memory", &self.sandbox_memory)
+            .field("sandbox_timeout", &self.sandbox_timeout)
             .field("roles", &self.roles)
             .finish_non_exhaustive()
     }
@@ -309,6 +319,9 @@ pub const KNOWN_KEYS: &[&str] = &[
     "jwks_url",
     "jwt_issuer",
     "jwt_audience",
+    "sandbox_memory",
+    "sandbox_timeout",
+    "sandbox_exe",
     "roles",
     "shutdown_grace",
     "poll_interval",
@@ -385,6 +398,14 @@ impl Settings {
 
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.workers >= 1, "MEDRELAY_WORKERS must be at least 1");
+        anyhow::ensure!(
+            self.sandbox_memory >= 64 * 1024 * 1024,
+            "MEDRELAY_SANDBOX_MEMORY must be at least 64 MiB"
+        );
+        anyhow::ensure!(
+            self.sandbox_timeout >= Duration::from_secs(1),
+            "MEDRELAY_SANDBOX_TIMEOUT must be at least 1s"
+        );
         anyhow::ensure!(
             self.max_upload_bytes >= 1,
             "MEDRELAY_MAX_UPLOAD_BYTES must be at least 1"

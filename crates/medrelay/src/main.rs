@@ -3,16 +3,30 @@
 
 mod cli;
 
-use clap::Parser;
+use std::process::ExitCode;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
-    match cli::run(cli).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+use clap::Parser;
+use medrelay::processor::sandbox;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    // The parser sandbox's child: no runtime, no threads, nothing parsed yet.
+    if args.get(1).map(String::as_str) == Some(sandbox::SUBCOMMAND) {
+        return sandbox::child::main(&args[2..]);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("medrelay: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = cli::Cli::parse_from(args);
+    match runtime.block_on(cli::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("medrelay: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }

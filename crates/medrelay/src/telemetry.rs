@@ -13,7 +13,12 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the log subscriber (stderr) and the panic hook. `format` is `text` or `json`.
 pub fn init(format: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Parsers run in sandbox children whose output is discarded; should one ever run here,
+    // its logs (which quote stream bytes and document text) stay out of the service log.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive("lopdf=off".parse().expect("a valid directive"))
+        .add_directive("pdf_extract=off".parse().expect("a valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

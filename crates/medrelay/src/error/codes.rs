@@ -287,7 +287,7 @@ impl Code {
                 http: None,
                 job: job(
                     "This document is too complex for us to read. Please upload fewer pages at a time or a simpler scan.",
-                    "parsing took longer than allowed, or the document is too large for one answer",
+                    "a limit of the parser sandbox stopped it (time, memory, pixels), or it is too large for one answer",
                 ),
             },
             Code::DocumentRejected => Spec {

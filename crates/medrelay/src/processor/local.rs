@@ -2,27 +2,33 @@
 //! full text (lopdf + pdf-extract), plus the document type, date and language where simple
 //! rules can tell. For a photo, the media type and pixel size.
 //!
-//! Third-party parsers panic on malformed files; every parser call runs on a blocking thread
-//! under `catch_unwind` and a deadline, so a bad file fails only its own job. This module
-//! never logs document content, and its panic messages are never logged either.
+//! [`analyze`] runs only in the sandbox child ([`super::sandbox`]): a parser that runs away,
+//! exhausts memory or crashes ends its child, not the server. Inside the child, parser panics
+//! are still contained, so a malformed file is reported as unreadable. This module never logs
+//! document content, and its panic messages are never logged either.
 
-use std::io::Cursor;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::LazyLock;
-use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use regex::Regex;
 
-use super::{Document, MediaType, ProcessError, Processor, Refusal};
+use super::sandbox::{Output, Sandbox, Task};
+use super::{Document, MediaType, ProcessError, Processor, Refusal, photo};
 use crate::model::{DocumentInfo, DocumentResult, DocumentType, ProcessorInfo};
 
-/// The longest a single document may keep a parser busy.
-const PARSE_DEADLINE: Duration = Duration::from_secs(90);
+/// The `local` processor: each document is analyzed by a sandbox child.
+#[derive(Debug, Clone)]
+pub struct LocalProcessor {
+    sandbox: Sandbox,
+}
 
-#[derive(Debug, Default, Clone)]
-pub struct LocalProcessor;
+impl LocalProcessor {
+    pub fn new(sandbox: Sandbox) -> Self {
+        Self { sandbox }
+    }
+}
 
 impl Processor for LocalProcessor {
     fn name(&self) -> &'static str {
@@ -31,22 +37,18 @@ impl Processor for LocalProcessor {
 
     fn process(&self, document: Document) -> BoxFuture<'_, Result<DocumentResult, ProcessError>> {
         async move {
-            let task = tokio::task::spawn_blocking(move || analyze(&document));
-            match tokio::time::timeout(PARSE_DEADLINE, task).await {
-                Ok(Ok(result)) => result,
-                // The blocking task itself panicked outside catch_unwind: a bug of ours.
-                // Never format the JoinError: a panic's message may quote document content.
-                Ok(Err(_)) => Err(ProcessError::Unmanaged(anyhow::anyhow!(
-                    "the local processor task failed"
+            match self.sandbox.run(Task::Analyze, &document).await? {
+                Output::Analyzed(result) => Ok(*result),
+                Output::Prepared(_) => Err(ProcessError::Unmanaged(anyhow::anyhow!(
+                    "the sandbox answered another task"
                 ))),
-                Err(_) => Err(ProcessError::Abort(Refusal::TooComplex)),
             }
         }
         .boxed()
     }
 }
 
-/// Analyzes a document synchronously (also used by `medrelay process`).
+/// Analyzes a document synchronously: the task of the sandbox child.
 pub fn analyze(document: &Document) -> Result<DocumentResult, ProcessError> {
     match document.media_type {
         MediaType::Pdf => analyze_pdf(&document.bytes),
@@ -122,22 +124,14 @@ fn analyze_pdf(bytes: &[u8]) -> Result<DocumentResult, ProcessError> {
 }
 
 fn analyze_image(bytes: &[u8], media_type: MediaType) -> Result<DocumentResult, ProcessError> {
-    let format = match media_type {
-        MediaType::Jpeg => image::ImageFormat::Jpeg,
-        MediaType::Png => image::ImageFormat::Png,
-        MediaType::Webp => image::ImageFormat::WebP,
-        MediaType::Pdf => return Err(ProcessError::Abort(Refusal::Unsupported)),
+    // Every pixel is decoded (within limits checked before any buffer is allocated), so a
+    // truncated or corrupt photo fails here instead of passing on its header alone.
+    let image = match contained(|| photo::decode(bytes, media_type)) {
+        Some(Ok(image)) => image,
+        Some(Err(refusal)) => return Err(ProcessError::Abort(refusal)),
+        None => return Err(ProcessError::Abort(Refusal::Unreadable)),
     };
-    // Only the header is read: no pixel buffer is allocated, whatever size it declares.
-    let dims =
-        contained(|| image::ImageReader::with_format(Cursor::new(bytes), format).into_dimensions());
-    let (width, height) = match dims {
-        Some(Ok(d)) => d,
-        _ => return Err(ProcessError::Abort(Refusal::Unreadable)),
-    };
-    if width == 0 || height == 0 {
-        return Err(ProcessError::Abort(Refusal::Unreadable));
-    }
+    let (width, height) = (image.width(), image.height());
     let mut result = base_result(media_type);
     result.document.page_count = Some(1);
     result.document.pixel_width = Some(width);
@@ -360,6 +354,9 @@ fn detect_language(text: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Cursor;
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -438,34 +435,27 @@ mod tests {
 
     #[test]
     fn a_pixel_flood_png_is_refused_without_allocating() {
-        // A PNG whose header declares 65535 x 65535 pixels, with no pixel data at all.
-        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
-        png.extend_from_slice(&65535u32.to_be_bytes());
-        png.extend_from_slice(&65535u32.to_be_bytes());
-        png.extend_from_slice(&[8, 2, 0, 0, 0]);
-        let crc = crc32(&png[12..29]);
-        png.extend_from_slice(&crc.to_be_bytes());
         let started = std::time::Instant::now();
-        let result = analyze_image(&png, MediaType::Png);
+        let result = analyze_image(&photo::tests::pixel_flood_png(), MediaType::Png);
+        // Over the pixel limits: too complex (a limit), not damaged.
         assert!(
-            matches!(result, Err(ProcessError::Abort(Refusal::Unreadable))),
+            matches!(result, Err(ProcessError::Abort(Refusal::TooComplex))),
             "{result:?}"
         );
         assert!(started.elapsed() < Duration::from_secs(1));
     }
 
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = 0xffff_ffffu32;
-        for &b in bytes {
-            crc ^= b as u32;
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xedb8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
+    #[test]
+    fn a_truncated_photo_is_unreadable_though_its_header_is_fine() {
+        let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let mut png = Cursor::new(Vec::new());
+        img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+        let mut bytes = png.into_inner();
+        bytes.truncate(bytes.len() / 2);
+        let result = analyze_image(&bytes, MediaType::Png);
+        assert!(
+            matches!(result, Err(ProcessError::Abort(Refusal::Unreadable))),
+            "{result:?}"
+        );
     }
 }

@@ -2,11 +2,14 @@
 //! default, Claude (`anthropic`) in production.
 //!
 //! Owns the media-type decision (from the bytes, never from the declared type) and the
-//! classification of every failure as Retry, Abort or Unmanaged. A processor never stores or
-//! logs document bytes; it gets them in memory and returns a result.
+//! classification of every failure as Retry, Abort or Unmanaged. Every parse or decode of a
+//! document's bytes happens in a [`sandbox`] child, never in the server. A processor never
+//! stores or logs document bytes; it gets them in memory and returns a result.
 
 pub mod anthropic;
 pub mod local;
+pub mod photo;
+pub mod sandbox;
 pub mod sniff;
 
 use std::fmt;
@@ -40,7 +43,8 @@ impl fmt::Debug for Document {
 }
 
 /// Why a document could not be processed, as the app will be told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Refusal {
     /// The PDF is password-protected.
     Encrypted,
@@ -109,7 +113,9 @@ pub trait Processor: Send + Sync + 'static {
 /// The processor `settings` configure (`MEDRELAY_PROCESSOR`).
 pub fn configured(settings: &Settings) -> anyhow::Result<Arc<dyn Processor>> {
     Ok(match settings.processor {
-        ProcessorKind::Local => Arc::new(local::LocalProcessor),
+        ProcessorKind::Local => Arc::new(local::LocalProcessor::new(
+            sandbox::Sandbox::from_settings(settings)?,
+        )),
         ProcessorKind::Anthropic => Arc::new(
             anthropic::AnthropicProcessor::new(settings)
                 .context("configuring the anthropic processor")?,

@@ -197,3 +197,105 @@ pub fn jpeg_with_orientation_6(w: u32, h: u32) -> Vec<u8> {
     out.extend_from_slice(&plain[2..]);
     out
 }
+
+/// A PDF with one page and the given objects (numbered from 4), the page's content being
+/// object 4; `catalog` and `page` add entries to those dictionaries. Built by hand, with a
+/// correct cross-reference table: hostile shapes are not what PDF libraries write.
+fn raw_pdf(objects: &[Vec<u8>], catalog: &str, page: &str) -> Vec<u8> {
+    let mut all: Vec<Vec<u8>> = vec![
+        format!("<< /Type /Catalog /Pages 2 0 R {catalog}>>").into_bytes(),
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_vec(),
+        format!("<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R {page}>>")
+            .into_bytes(),
+    ];
+    all.extend(objects.iter().cloned());
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, body) in all.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend_from_slice(format!("{} 0 obj\n", i + 1).as_bytes());
+        out.extend_from_slice(body);
+        out.extend_from_slice(b"\nendobj\n");
+    }
+    let xref = out.len();
+    out.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", all.len() + 1).as_bytes());
+    for offset in offsets {
+        out.extend_from_slice(format!("{offset:010} 00000 n \n").as_bytes());
+    }
+    out.extend_from_slice(
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            all.len() + 1
+        )
+        .as_bytes(),
+    );
+    out
+}
+
+/// A stream object with `data`; `dict` adds entries (a filter).
+fn stream(dict: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = format!("<< /Length {} {dict} >>\nstream\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\nendstream");
+    out
+}
+
+/// A PDF whose page content is a Flate stream of about `inflated` bytes of drawing commands,
+/// compressed to about a thousandth of that: it takes memory only when someone inflates it.
+pub fn flate_bomb_pdf(inflated: u64) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    let chunk = b"0 0 m\n".repeat(1 << 17);
+    let mut written = 0u64;
+    while written < inflated {
+        encoder.write_all(&chunk).unwrap();
+        written += chunk.len() as u64;
+    }
+    let data = encoder.finish().unwrap();
+    raw_pdf(&[stream("/Filter /FlateDecode", &data)], "", "")
+}
+
+/// A PDF whose page dictionary holds arrays nested `depth` deep.
+pub fn deeply_nested_pdf(depth: usize) -> Vec<u8> {
+    let page = format!(
+        "/Resources << /Font << /F1 5 0 R >> >> /Nested {}{} ",
+        "[".repeat(depth),
+        "]".repeat(depth)
+    );
+    let content = stream("", b"BT /F1 12 Tf 50 700 Td (nested) Tj ET");
+    let font = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_vec();
+    raw_pdf(&[content, font], "", &page)
+}
+
+/// A one-page PDF that carries JavaScript and actions (`/OpenAction`, `/AA`), with a ZIP
+/// appended after `%%EOF`. Read as data: nothing in it runs.
+pub fn active_pdf_with_appended_zip(page_text: &str, marker: &str) -> Vec<u8> {
+    let content = stream(
+        "",
+        format!("BT /F1 12 Tf 50 700 Td ({page_text}) Tj ET").as_bytes(),
+    );
+    let js = format!("<< /S /JavaScript /JS (app.alert\\('{marker}-JS'\\)) >>");
+    let font = "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_owned();
+    let mut pdf = raw_pdf(
+        &[content, js.into_bytes(), font.into_bytes()],
+        "/OpenAction 5 0 R ",
+        "/Resources << /Font << /F1 6 0 R >> >> /AA << /O 5 0 R >> ",
+    );
+    let mut zip = b"PK\x03\x04\x14\0\0\0\0\0".to_vec();
+    zip.extend_from_slice(format!("{marker}-ZIP").as_bytes());
+    pdf.extend_from_slice(&zip);
+    pdf
+}
+
+/// A PNG whose (valid) header declares 65535 x 65535 pixels, with no pixel data at all.
+pub fn pixel_flood_png() -> Vec<u8> {
+    let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+    png.extend_from_slice(&65535u32.to_be_bytes());
+    png.extend_from_slice(&65535u32.to_be_bytes());
+    png.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let crc = flate2::Crc::new();
+    let mut crc = crc;
+    crc.update(&png[12..29]);
+    png.extend_from_slice(&crc.sum().to_be_bytes());
+    png
+}

@@ -153,6 +153,8 @@ pub async fn test_settings(backend: Backend, data_dir: &Path) -> (Settings, Opti
     s.data_dir = data_dir.to_path_buf();
     s.poll_interval = Duration::from_millis(50);
     s.workers = 4;
+    // This test binary is not medrelay: the sandbox re-executes the real one.
+    s.sandbox_exe = Some(PathBuf::from(env!("CARGO_BIN_EXE_medrelay")));
     let mut pg_name = None;
     if backend.postgres() {
         let (url, name) = fresh_postgres().await;

@@ -9,6 +9,7 @@ mod fixtures;
 #[macro_use]
 mod harness;
 mod scripted;
+mod server;
 
 // Behaviour
 mod access;
@@ -18,6 +19,7 @@ mod claude;
 mod deletion;
 mod encryption;
 mod expiry;
+mod hostile;
 mod local_processor;
 mod operations;
 mod polling;

@@ -1,11 +1,11 @@
-//! The one test processor: what it does with a document is scripted per media type (the
-//! local processor, a panic, waiting for a gate the test opens, or hanging for ever).
+//! The one test processor: what it does with a document is scripted per media type (what the
+//! configured processor does, a panic, waiting for a gate the test opens, or hanging for
+//! ever).
 
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use medrelay::model::DocumentResult;
-use medrelay::processor::local::LocalProcessor;
 use medrelay::processor::{Document, MediaType, ProcessError, Processor};
 use medrelay::state::AppState;
 use tokio::sync::Semaphore;
@@ -13,11 +13,11 @@ use tokio::sync::Semaphore;
 /// What the processor does with a document.
 #[derive(Clone, Copy, Debug)]
 pub enum Step {
-    /// What the local processor does.
+    /// What the configured processor (the sandboxed local one) does.
     Local,
     /// Panics, outside any parser's containment: an unmanaged failure.
     Panic,
-    /// Waits until the test opens the gate, then does what the local processor does.
+    /// Waits until the test opens the gate, then does what the configured processor does.
     Gated,
     /// Never finishes.
     Hang,
@@ -27,6 +27,8 @@ pub struct Scripted {
     rules: Vec<(MediaType, Step)>,
     otherwise: Step,
     gate: Arc<Semaphore>,
+    /// The processor the app was configured with, set by [`Scripted::install`].
+    configured: Option<Arc<dyn Processor>>,
 }
 
 impl Scripted {
@@ -36,6 +38,7 @@ impl Scripted {
             rules: Vec::new(),
             otherwise,
             gate: Arc::new(Semaphore::new(0)),
+            configured: None,
         }
     }
 
@@ -46,8 +49,9 @@ impl Scripted {
 
     /// Installs the processor in `state`; returns the gate that [`Step::Gated`] waits for
     /// (`add_permits(n)` lets `n` documents through).
-    pub fn install(self, state: &mut AppState) -> Arc<Semaphore> {
+    pub fn install(mut self, state: &mut AppState) -> Arc<Semaphore> {
         let gate = self.gate.clone();
+        self.configured = Some(state.processor.clone());
         state.processor = Arc::new(self);
         gate
     }
@@ -73,7 +77,8 @@ impl Processor for Scripted {
                 }
                 Step::Hang => futures::future::pending::<()>().await,
             }
-            LocalProcessor.process(document).await
+            let configured = self.configured.as_ref().expect("installed");
+            configured.process(document).await
         })
     }
 }

@@ -2,12 +2,13 @@
 //! with the document inline as base64 and the answer forced through one strict tool whose
 //! input schema is the result shape of api.md.
 //!
-//! Owns the request shape, the image preparation (decode, orient, strip metadata, scale) and the
+//! Owns the request shape, what is sent ([`prepare`]: PDF parts within Claude's limits, photos
+//! decoded, oriented, stripped of metadata and scaled; made in the sandbox child) and the
 //! mapping of every provider answer to Retry or Abort. It makes no retries of its own: the
 //! job's schedule is the only retry layer. It never logs request or response bodies, and never
 //! uses the Files API or Message Batches (both keep copies outside our one hour).
 
-pub mod image_prep;
+pub mod prepare;
 
 use std::time::Duration;
 
@@ -19,7 +20,8 @@ use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
-use super::{Document, MediaType, ProcessError, Processor, Refusal};
+use super::sandbox::{Output, Part, Sandbox, Task};
+use super::{Document, ProcessError, Processor, Refusal};
 use crate::config::Settings;
 use crate::model::{DocumentResult, ProcessorInfo};
 
@@ -41,6 +43,7 @@ pub struct AnthropicProcessor {
     api_key: String,
     model: String,
     max_tokens: u32,
+    sandbox: Sandbox,
 }
 
 impl std::fmt::Debug for AnthropicProcessor {
@@ -77,6 +80,7 @@ impl AnthropicProcessor {
             api_key,
             model: settings.anthropic_model.clone(),
             max_tokens: settings.anthropic_max_tokens,
+            sandbox: Sandbox::from_settings(settings)?,
         })
     }
 
@@ -141,35 +145,28 @@ impl Processor for AnthropicProcessor {
 
     fn process(&self, document: Document) -> BoxFuture<'_, Result<DocumentResult, ProcessError>> {
         async move {
-            let parts = match document.media_type {
-                MediaType::Pdf => {
-                    let bytes = document.bytes.clone();
-                    tokio::task::spawn_blocking(move || split_pdf(&bytes))
-                        .await
-                        // Never format the JoinError: a panic's message may quote content.
-                        .map_err(|_| {
-                            ProcessError::Unmanaged(anyhow::anyhow!("splitting the PDF failed"))
-                        })??
-                        .into_iter()
-                        .map(|(pdf, pages)| (pdf_block(&pdf), Some(pages)))
-                        .collect::<Vec<_>>()
-                }
-                MediaType::Jpeg | MediaType::Png | MediaType::Webp => {
-                    let bytes = document.bytes.clone();
-                    let prepared = tokio::task::spawn_blocking(move || image_prep::prepare(&bytes))
-                        .await
-                        .map_err(|_| {
-                            ProcessError::Unmanaged(anyhow::anyhow!("preparing the photo failed"))
-                        })??;
-                    vec![(image_block(&prepared.jpeg), Some(1))]
+            // Parsed, split and re-encoded in the sandbox child: never in this process.
+            let parts = match self.sandbox.run(Task::PrepareForClaude, &document).await? {
+                Output::Prepared(parts) => parts,
+                Output::Analyzed(_) => {
+                    return Err(ProcessError::Unmanaged(anyhow::anyhow!(
+                        "the sandbox answered another task"
+                    )));
                 }
             };
+            let parts: Vec<(Value, u32)> = parts
+                .into_iter()
+                .map(|(part, bytes)| match part {
+                    Part::Pdf { pages } => (pdf_block(&bytes), pages),
+                    Part::Jpeg { .. } => (image_block(&bytes), 1),
+                })
+                .collect();
             let mut merged: Option<DocumentResult> = None;
             let mut total_pages = 0u32;
             for (block, pages) in parts {
                 let body = self.request_body(block);
                 let part = self.call(&body).await?;
-                total_pages += pages.unwrap_or(0);
+                total_pages += pages;
                 merged = Some(match merged {
                     None => part,
                     Some(acc) => merge(acc, part),
@@ -204,80 +201,6 @@ fn image_block(jpeg: &[u8]) -> Value {
     })
 }
 
-/// The base64 of one PDF part must leave room in the 32 MB request for the prompt and schema.
-pub const MAX_PDF_BASE64: usize = 30 * 1024 * 1024;
-
-fn base64_len(len: usize) -> usize {
-    len.div_ceil(3) * 4
-}
-
-/// Splits a PDF into parts of at most 100 pages whose base64 fits a request, in order, with
-/// each part's page count. A PDF within both limits is sent as it is.
-pub fn split_pdf(bytes: &[u8]) -> Result<Vec<(Vec<u8>, u32)>, ProcessError> {
-    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        lopdf::Document::load_mem(bytes)
-    }));
-    let doc = match loaded {
-        Ok(Ok(doc)) => doc,
-        Ok(Err(lopdf::Error::Decryption(_) | lopdf::Error::InvalidPassword)) => {
-            return Err(ProcessError::Abort(Refusal::Encrypted));
-        }
-        _ => return Err(ProcessError::Abort(Refusal::Unreadable)),
-    };
-    if doc.is_encrypted() {
-        return Err(ProcessError::Abort(Refusal::Encrypted));
-    }
-    let pages: Vec<u32> = doc.get_pages().keys().copied().collect();
-    if pages.is_empty() {
-        return Err(ProcessError::Abort(Refusal::Unreadable));
-    }
-    if pages.len() <= MAX_PDF_PAGES && base64_len(bytes.len()) <= MAX_PDF_BASE64 {
-        return Ok(vec![(bytes.to_vec(), pages.len() as u32)]);
-    }
-    let mut parts = Vec::new();
-    for chunk in pages.chunks(MAX_PDF_PAGES) {
-        split_part(&doc, &pages, chunk, &mut parts)?;
-    }
-    Ok(parts)
-}
-
-/// Builds the part holding `keep`; halves it until its base64 fits a request.
-fn split_part(
-    doc: &lopdf::Document,
-    pages: &[u32],
-    keep: &[u32],
-    parts: &mut Vec<(Vec<u8>, u32)>,
-) -> Result<(), ProcessError> {
-    let wanted: std::collections::HashSet<u32> = keep.iter().copied().collect();
-    let drop_pages: Vec<u32> = pages
-        .iter()
-        .copied()
-        .filter(|p| !wanted.contains(p))
-        .collect();
-    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut part = doc.clone();
-        part.delete_pages(&drop_pages);
-        part.prune_objects();
-        let mut out = Vec::new();
-        part.save_to(&mut out).map(|_| out)
-    }));
-    let part = match built {
-        Ok(Ok(part)) => part,
-        _ => return Err(ProcessError::Abort(Refusal::Unreadable)),
-    };
-    if base64_len(part.len()) <= MAX_PDF_BASE64 {
-        parts.push((part, keep.len() as u32));
-        return Ok(());
-    }
-    if keep.len() == 1 {
-        // One page larger than a whole request: nothing smaller can be sent.
-        return Err(ProcessError::Abort(Refusal::TooComplex));
-    }
-    let (first, second) = keep.split_at(keep.len() / 2);
-    split_part(doc, pages, first, parts)?;
-    split_part(doc, pages, second, parts)
-}
-
 /// Merges the result of a later part into the result so far.
 fn merge(mut acc: DocumentResult, part: DocumentResult) -> DocumentResult {
     acc.providers.extend(part.providers);
@@ -304,6 +227,8 @@ fn merge(mut acc: DocumentResult, part: DocumentResult) -> DocumentResult {
 }
 
 /// Reads `retry-after-ms` or `retry-after` (seconds, or an HTTP date), capped at 5 minutes.
+/// Whatever a provider sends (`inf`, `1e30`, `NaN`, negative numbers, garbage) never panics:
+/// a number is clamped into 0..=cap before it becomes a `Duration`.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let header = |name: &str| {
         headers
@@ -311,18 +236,18 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    let parsed = if let Some(ms) = header("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0))
-    } else if let Some(value) = header("retry-after") {
-        value
-            .parse::<f64>()
-            .ok()
-            .map(|s| Duration::from_secs_f64(s.max(0.0)))
-            .or_else(|| httpdate_delay(value))
-    } else {
-        None
+    let seconds = |value: f64| {
+        (!value.is_nan())
+            .then(|| Duration::from_secs_f64(value.clamp(0.0, RETRY_AFTER_CAP.as_secs_f64())))
     };
-    parsed.map(|d| d.min(RETRY_AFTER_CAP))
+    if let Some(ms) = header("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        return seconds(ms / 1000.0);
+    }
+    let value = header("retry-after")?;
+    match value.parse::<f64>() {
+        Ok(secs) => seconds(secs),
+        Err(_) => httpdate_delay(value).map(|d| d.min(RETRY_AFTER_CAP)),
+    }
 }
 
 fn httpdate_delay(value: &str) -> Option<Duration> {
@@ -517,6 +442,25 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(retry_after(&HeaderMap::new()), None);
+        // Hostile or broken values never panic.
+        let cap = Some(Duration::from_secs(300));
+        for (name, value, expected) in [
+            ("retry-after", "inf", cap),
+            ("retry-after", "1e30", cap),
+            ("retry-after", "-5", Some(Duration::ZERO)),
+            ("retry-after", "NaN", None),
+            ("retry-after", "soon", None),
+            ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT", cap),
+            ("retry-after-ms", "inf", cap),
+            ("retry-after-ms", "-inf", Some(Duration::ZERO)),
+            ("retry-after-ms", "1e308", cap),
+        ] {
+            assert_eq!(
+                retry_after(&headers(&[(name, value)])),
+                expected,
+                "{name}: {value}"
+            );
+        }
         match classify_error(
             StatusCode::TOO_MANY_REQUESTS,
             &headers(&[("retry-after", "12")]),

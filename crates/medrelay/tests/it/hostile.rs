@@ -1,0 +1,158 @@
+//! A hostile document cannot hurt the service: each one is parsed in a sandboxed child, ends
+//! alone with a clear code (too complex when a limit stopped it, unreadable when it does not
+//! parse), leaves nothing behind, and neither the server's memory nor other patients' jobs
+//! notice. Through a real `medrelay serve` process.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::fixtures::{
+    active_pdf_with_appended_zip, corpus_file, deeply_nested_pdf, flate_bomb_pdf, pixel_flood_png,
+    png, text_pdf,
+};
+use crate::harness::walk;
+use crate::server::{Server, wait_terminal};
+
+/// The sandbox deadline of these servers; a hostile job must end within twice that.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+async fn upload(server: &Server, token: &str, bytes: Vec<u8>) -> Value {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/documents", server.addr))
+        .bearer_auth(token)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    response.json().await.unwrap()
+}
+
+/// What a hostile file must end as: a failure code, or success (read as data).
+enum Expect {
+    Fails(&'static str),
+    Succeeds { text: &'static str },
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_documents_end_alone_and_the_server_and_other_patients_go_on() {
+    let deadline = format!("{}s", DEADLINE.as_secs());
+    let server = Server::start(&[
+        ("MEDRELAY_SANDBOX_TIMEOUT", deadline.as_str()),
+        ("MEDRELAY_WORKERS", "4"),
+    ]);
+    let http = reqwest::Client::new();
+    let attacker = server.token("attacker");
+    let alice = server.token("alice");
+    let bob = server.token("bob");
+    // Warm up (first job, allocator pools), then take the server's resident memory.
+    let warm = upload(&server, &alice, text_pdf(&["warm up"])).await;
+    wait_terminal(&http, &server.addr, &alice, warm["id"].as_str().unwrap()).await;
+    let (_, idle_kib) = server.memory_kib();
+
+    let mut truncated = png(64, 64);
+    truncated.truncate(truncated.len() / 2);
+    let cases: Vec<(&str, Vec<u8>, Expect)> = vec![
+        (
+            "a Flate bomb (9 MB inflating to 6 GB)",
+            flate_bomb_pdf(6 << 30),
+            Expect::Fails("document-too-complex"),
+        ),
+        (
+            "arrays nested 10,000 deep",
+            deeply_nested_pdf(10_000),
+            // The reader refuses the nesting cleanly: a parse error, not a crash.
+            Expect::Fails("document-unreadable"),
+        ),
+        (
+            "arrays nested 3 deep (the same file, harmless: a control)",
+            deeply_nested_pdf(3),
+            Expect::Succeeds { text: "nested" },
+        ),
+        (
+            "a PNG declaring 65535 x 65535 pixels",
+            pixel_flood_png(),
+            Expect::Fails("document-too-complex"),
+        ),
+        (
+            "a truncated PNG",
+            truncated,
+            Expect::Fails("document-unreadable"),
+        ),
+        (
+            "a password-protected PDF",
+            corpus_file("005-libreoffice-writer-password--libreoffice-writer-password.pdf"),
+            Expect::Fails("document-encrypted"),
+        ),
+        (
+            "a PDF with JavaScript, actions and a ZIP appended",
+            active_pdf_with_appended_zip("Blood count normal", "CANARY-5512"),
+            Expect::Succeeds {
+                text: "Blood count normal",
+            },
+        ),
+    ];
+    for (what, bytes, expect) in cases {
+        let started = Instant::now();
+        let (hostile, ordinary_a, ordinary_b) = tokio::join!(
+            upload(&server, &attacker, bytes),
+            upload(
+                &server,
+                &alice,
+                text_pdf(&["Lab Report", "Hemoglobin 13.2 g/dL"])
+            ),
+            upload(&server, &bob, png(200, 100)),
+        );
+        let done = wait_terminal(
+            &http,
+            &server.addr,
+            &attacker,
+            hostile["id"].as_str().unwrap(),
+        )
+        .await;
+        assert!(
+            started.elapsed() < 2 * DEADLINE,
+            "{what}: ended after {:?}",
+            started.elapsed()
+        );
+        match expect {
+            Expect::Fails(code) => {
+                assert_eq!(done["status"], "failed", "{what}: {done}");
+                assert_eq!(done["error"]["code"], code, "{what}: {done}");
+                assert_eq!(done["error"]["retryable"], false, "{what}");
+                assert_eq!(done["attempts"], 1, "{what}: not retried");
+            }
+            Expect::Succeeds { text } => {
+                assert_eq!(done["status"], "succeeded", "{what}: {done}");
+                let extracted = done["result"]["text"].as_str().unwrap_or_default();
+                assert!(extracted.contains(text), "{what}: {extracted}");
+            }
+        }
+        // Other patients' jobs are untouched: one attempt each, and they succeed.
+        for (token, job) in [(&alice, &ordinary_a), (&bob, &ordinary_b)] {
+            let done = wait_terminal(&http, &server.addr, token, job["id"].as_str().unwrap()).await;
+            assert_eq!(done["status"], "succeeded", "{what}: {done}");
+            assert_eq!(done["attempts"], 1, "{what}: {done}");
+        }
+        // The attacker is not purged (a managed failure): the list still has the job.
+        let listed = server.list_jobs(&attacker).await;
+        assert!(
+            listed.iter().any(|j| j["id"] == hostile["id"]),
+            "{what}: the attacker's job list lost its job"
+        );
+        // The server's memory is the server's: the child's was the child's.
+        let (peak_kib, _) = server.memory_kib();
+        assert!(
+            peak_kib <= idle_kib + 64 * 1024,
+            "{what}: server peak {peak_kib} KiB, idle {idle_kib} KiB"
+        );
+    }
+    // Nothing of any document is left in the store (every job is terminal).
+    let objects = server.data().join("objects");
+    crate::harness::eventually(Duration::from_secs(10), "an empty store", || async {
+        let left = walk(&objects);
+        left.is_empty().then_some(()).ok_or(format!("{left:?}"))
+    })
+    .await;
+}

@@ -1,0 +1,176 @@
+//! A real `medrelay serve` process on a fresh data dir, driven from outside as an operator
+//! and the app would: its address, tokens from `medrelay token`, SIGTERM, its memory.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::eventually;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_medrelay");
+
+/// A `medrelay serve` child process on a fresh data dir.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    data_dir: std::path::PathBuf,
+    _owned: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    pub fn start(envs: &[(&str, &str)]) -> Server {
+        let data_dir = tempfile::tempdir().unwrap();
+        Self::start_in(data_dir, envs, &[])
+    }
+
+    pub fn start_in(data_dir: tempfile::TempDir, envs: &[(&str, &str)], args: &[&str]) -> Server {
+        let mut server = Self::start_at(data_dir.path(), envs, args);
+        server._owned = Some(data_dir);
+        server
+    }
+
+    /// Starts on a folder the caller keeps (to restart on the same data after a kill).
+    pub fn start_at(data_dir: &Path, envs: &[(&str, &str)], args: &[&str]) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(data_dir)
+            .args(args)
+            .arg("serve")
+            .env("MEDRELAY_LISTEN", "127.0.0.1:0")
+            .env("MEDRELAY_DATA_DIR", data_dir.join("data"))
+            .env("MEDRELAY_POLL_INTERVAL", "100ms")
+            .env_remove("MEDRELAY_DATABASE_URL")
+            .env_remove("MEDRELAY_STORAGE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(log) = envs
+            .iter()
+            .find(|(k, _)| *k == "TEST_STDERR_FILE")
+            .map(|(_, v)| *v)
+        {
+            cmd.stderr(std::fs::File::create(log).unwrap());
+        }
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starting medrelay serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("serve prints its address");
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .trim()
+            .to_owned();
+        assert!(addr.starts_with("http://127.0.0.1:"), "{addr}");
+        assert!(!addr.ends_with(":0"), "the real port is printed: {addr}");
+        Server {
+            child,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            _owned: None,
+        }
+    }
+
+    pub fn data(&self) -> std::path::PathBuf {
+        self.data_dir.join("data")
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        let out = Command::new(BIN)
+            .args(["token", "--user", user])
+            .env("MEDRELAY_DATA_DIR", self.data())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `GET /v1/jobs` as this token's user: the `jobs` list.
+    pub async fn list_jobs(&self, token: &str) -> Vec<Value> {
+        let list: Value = reqwest::Client::new()
+            .get(format!("{}/v1/jobs", self.addr))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["jobs"].as_array().unwrap().clone()
+    }
+
+    /// Peak and current resident memory of the server, in KiB.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap()
+        };
+        (field("VmHWM:"), field("VmRSS:"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn wait_terminal(http: &reqwest::Client, addr: &str, token: &str, id: &str) -> Value {
+    let what = format!("job {id} succeeded or failed");
+    eventually(Duration::from_secs(60), &what, || async {
+        let job: Value = http
+            .get(format!("{addr}/v1/jobs/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        match job["status"].as_str() {
+            Some("succeeded" | "failed") => Ok(job),
+            _ => Err(job.to_string()),
+        }
+    })
+    .await
+}
