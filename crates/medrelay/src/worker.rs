@@ -89,13 +89,18 @@ pub async fn process_document(state: &AppState, job: Claimed, hard_stop: Cancell
     let lifecycle = &state.lifecycle;
     let cancel = hard_stop.child_token();
     lifecycle.begin(&job, cancel.clone());
-    let heartbeat = spawn_heartbeat(state, &job, cancel.clone());
+    // Stops beating however this function ends, a panic included: a dead attempt must not
+    // keep its lease alive.
+    let heartbeat = AbortOnDrop(spawn_heartbeat(state, &job, cancel.clone()));
 
+    // A panic anywhere in the attempt (not only in the processor) is an unmanaged failure.
     let outcome = tokio::select! {
-        outcome = attempt(state, &job) => Some(outcome),
+        outcome = AssertUnwindSafe(attempt(state, &job)).catch_unwind() => {
+            Some(outcome.unwrap_or_else(|_| Err(panicked("an attempt panicked"))))
+        }
         _ = cancel.cancelled() => None,
     };
-    heartbeat.abort();
+    drop(heartbeat);
     lifecycle.stopped(&job);
 
     let Some(outcome) = outcome else {
@@ -106,9 +111,36 @@ pub async fn process_document(state: &AppState, job: Claimed, hard_stop: Cancell
         // Otherwise the job was deleted or its lease was lost: whoever did that owns it now.
         return;
     };
-    if let Err(e) = lifecycle.finish(&job, outcome).await {
-        // The lease runs out and the job is claimed again; the attempt is already counted.
-        tracing::error!(error = %e, "recording a job outcome failed");
+    let recorded = AssertUnwindSafe(lifecycle.finish(&job, outcome))
+        .catch_unwind()
+        .await;
+    let failed = match recorded {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        // Recording the outcome itself panicked: end the job as an unmanaged failure.
+        Err(_) => match lifecycle
+            .finish(&job, Err(panicked("recording an outcome panicked")))
+            .await
+        {
+            Ok(()) => return,
+            Err(e) => e.to_string(),
+        },
+    };
+    // The lease runs out and the job is claimed again; the attempt is already counted.
+    tracing::error!(error = %failed, "recording a job outcome failed");
+}
+
+/// A panic, as the unmanaged failure it is. Its message is never kept: it may quote content.
+fn panicked(what: &'static str) -> ProcessError {
+    ProcessError::Unmanaged(anyhow::anyhow!(what))
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -138,11 +170,8 @@ fn spawn_heartbeat(
     })
 }
 
-/// One processing attempt: open the document, run the processor, contain any panic.
+/// One processing attempt: open the document, run the processor.
 async fn attempt(state: &AppState, job: &Claimed) -> Result<DocumentResult, ProcessError> {
     let document = state.lifecycle.document(job).await?;
-    AssertUnwindSafe(state.processor.process(document))
-        .catch_unwind()
-        .await
-        .map_err(|_| ProcessError::Unmanaged(anyhow::anyhow!("the processor panicked")))?
+    state.processor.process(document).await
 }

@@ -3,6 +3,8 @@
 //! that owner. A result that fails its integrity check is an unmanaged failure: the database
 //! queues a purge of the user.
 
+use std::time::Duration;
+
 use super::{Error, Lifecycle};
 use crate::clock::{from_millis, now_millis};
 use crate::db::JobRow;
@@ -68,18 +70,19 @@ impl Lifecycle {
             Ok(Some(json)) => json,
             Ok(None) => return Ok(job),
             Err(integrity) => {
-                // An unmanaged failure: the database queues a purge of this user.
+                // An unmanaged failure: the database queues a purge of this user once the mark
+                // commits, which is retried until it does (never lost to a hiccup).
                 let lifecycle = self.clone();
                 let id = row.id.clone();
                 tokio::spawn(async move {
-                    match lifecycle.db().mark_unmanaged(&id).await {
-                        Ok(()) => lifecycle.wake_worker(),
-                        Err(e) => {
-                            tracing::error!(error = %e, "marking an unmanaged failure failed")
-                        }
+                    let mut wait = Duration::from_millis(200);
+                    while let Err(e) = lifecycle.db().mark_unmanaged(&id).await {
+                        tracing::error!(error = %e, "marking an unmanaged failure failed; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(30));
                     }
+                    lifecycle.wake_worker();
                 });
-                self.wake_worker();
                 return Err(Error::Internal(integrity.into()));
             }
         };
