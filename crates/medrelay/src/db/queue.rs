@@ -12,22 +12,26 @@ use crate::crypto::WrappedKey;
 use crate::ids::{JobId, LeaseToken};
 use crate::model::JobError;
 
+// A job rescued from a lost lease counts it; one that already lost a lease is not rescued
+// again (a poison pill, ended by `fail_poisoned`).
 const CLAIM_POSTGRES: &str = "UPDATE jobs SET status = 'processing', attempts = attempts + 1, \
+     lost_leases = lost_leases + CASE WHEN status = 'processing' THEN 1 ELSE 0 END, \
      lease_token = $1, lease_until = $2, updated_at = $3, next_attempt_at = NULL \
      WHERE id IN (SELECT id FROM jobs WHERE deleted_at IS NULL AND expires_at > $3 \
         AND attempts < max_attempts \
         AND ((status IN ('queued', 'retry_scheduled') AND run_at <= $3) \
-             OR (status = 'processing' AND lease_until < $3)) \
+             OR (status = 'processing' AND lease_until < $3 AND lost_leases < 1)) \
         ORDER BY run_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
      RETURNING *";
 
 // SQLite has one writer at a time and runs this statement atomically; no row locks needed.
 const CLAIM_SQLITE: &str = "UPDATE jobs SET status = 'processing', attempts = attempts + 1, \
+     lost_leases = lost_leases + CASE WHEN status = 'processing' THEN 1 ELSE 0 END, \
      lease_token = $1, lease_until = $2, updated_at = $3, next_attempt_at = NULL \
      WHERE id IN (SELECT id FROM jobs WHERE deleted_at IS NULL AND expires_at > $3 \
         AND attempts < max_attempts \
         AND ((status IN ('queued', 'retry_scheduled') AND run_at <= $3) \
-             OR (status = 'processing' AND lease_until < $3)) \
+             OR (status = 'processing' AND lease_until < $3 AND lost_leases < 1)) \
         ORDER BY run_at LIMIT $4) \
      RETURNING *";
 
@@ -218,6 +222,28 @@ impl Db {
             .await
             .map(|r| r.rows_affected()))?;
         Ok(done == 1)
+    }
+
+    /// Fails, as unmanaged, jobs whose lease ran out a second time: their worker died twice
+    /// without a word (a poison pill that kills whoever parses it). The mark makes the
+    /// database's trigger queue a purge of the user. Returns them, so their documents can go.
+    pub async fn fail_poisoned(&self, error: &JobError) -> Result<Vec<JobRow>> {
+        let sql = "UPDATE jobs SET status = 'failed', error_code = $1, error_message = $2, \
+                   error_retryable = $3, lease_token = NULL, lease_until = NULL, \
+                   document_kek = NULL, document_dek = NULL, next_attempt_at = NULL, \
+                   updated_at = $4, lost_leases = lost_leases + 1, \
+                   unmanaged_at = COALESCE(unmanaged_at, $4) \
+                   WHERE deleted_at IS NULL AND status = 'processing' AND lease_until < $4 \
+                   AND lost_leases >= 1 \
+                   RETURNING *";
+        let rows = on_pool!(self, |p| sqlx::query_as::<_, JobRow>(sql)
+            .bind(&error.code)
+            .bind(&error.message)
+            .bind(error.retryable)
+            .bind(now_millis())
+            .fetch_all(p)
+            .await)?;
+        Ok(rows)
     }
 
     /// Fails jobs whose lease ran out on their last allowed attempt (a crash or a hang on the

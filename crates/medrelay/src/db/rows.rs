@@ -38,6 +38,8 @@ pub struct JobRow {
     pub result_kek: Option<String>,
     pub result_dek: Option<Vec<u8>>,
     pub unmanaged_at: Option<i64>,
+    /// Attempts that ended with a lost lease.
+    pub lost_leases: i64,
 }
 
 impl std::fmt::Debug for JobRow {

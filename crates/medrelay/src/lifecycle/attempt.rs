@@ -152,9 +152,27 @@ impl Lifecycle {
         Ok(Some(End::Failed(failure)))
     }
 
-    /// Ends jobs whose last allowed attempt lost its lease (the worker crashed or hung),
-    /// deleting their documents.
+    /// Ends jobs whose attempts keep dying: a second lost lease (a poison pill, ended as an
+    /// unmanaged failure, which purges the user) or a lost lease on the last allowed attempt.
+    /// Their documents are deleted.
     pub async fn end_exhausted(&self) -> Result<(), Error> {
+        let poisoned = self
+            .db()
+            .fail_poisoned(&Failure::Poisoned.job_error())
+            .await?;
+        for row in &poisoned {
+            tracing::error!(
+                job_id = %row.id,
+                user_prefix = %row.user_prefix,
+                "a job lost its lease twice: not handed to a third worker; purging its user"
+            );
+            self.forget_job_quietly(&row.user_prefix, &row.id, End::Failed(Failure::Poisoned))
+                .await;
+        }
+        if !poisoned.is_empty() {
+            // The trigger queued the purges: carry them out now.
+            self.wake_worker();
+        }
         let rows = self.db().fail_exhausted(&retries_exhausted()).await?;
         for row in rows {
             tracing::warn!(job_id = %row.id, "last attempt lost its lease: job failed");

@@ -34,6 +34,8 @@ pub(super) enum Failure {
     LeaseLost,
     /// Anything unexpected: the user is purged.
     Unmanaged,
+    /// Two attempts died without a word (lost leases): unmanaged, the user is purged.
+    Poisoned,
 }
 
 impl Failure {
@@ -41,7 +43,7 @@ impl Failure {
         match self {
             Failure::Refused(error) => error.clone(),
             Failure::RetriesExhausted | Failure::LeaseLost => retries_exhausted(),
-            Failure::Unmanaged => unmanaged_failure(),
+            Failure::Unmanaged | Failure::Poisoned => unmanaged_failure(),
         }
     }
 
@@ -51,6 +53,7 @@ impl Failure {
             Failure::RetriesExhausted => "retries-exhausted",
             Failure::LeaseLost => "lease-lost",
             Failure::Unmanaged => "unmanaged",
+            Failure::Poisoned => "poison-pill",
         }
     }
 }

@@ -181,6 +181,7 @@ fn only_the_lifecycle_and_the_store_delete_objects_or_destroy_keys() {
             ".complete(",
             ".fail(",
             ".fail_exhausted(",
+            ".fail_poisoned(",
             ".tombstone_job(",
             ".tombstone_job_of(",
             ".tombstone_user(",

@@ -328,6 +328,55 @@ async fn completion_racing_a_rescue(db: &Db) {
     assert_eq!(row.attempts, 2);
 }
 
+/// A job whose attempts died twice without a word (two lost leases) is not handed to a third
+/// worker: it fails as an unmanaged failure, which queues a purge of its user.
+async fn a_job_that_lost_its_lease_twice_is_not_claimed_a_third_time(db: &Db) {
+    let id = new_id("poison");
+    insert(db, &id).await;
+    assert_eq!(db.claim(&lease("first"), LEASE, 10).await.unwrap().len(), 1);
+    // The first worker dies: its lease runs out, a second worker rescues the job.
+    set(db, &id, &format!("lease_until = {}", now_millis() - 1)).await;
+    let rescued = db.claim(&lease("second"), LEASE, 10).await.unwrap();
+    assert_eq!(rescued.len(), 1);
+    assert_eq!(rescued[0].lost_leases, 1);
+    assert_eq!(rescued[0].attempts, 2);
+    // Nothing is poisoned while the second worker's lease is live.
+    assert!(db.fail_poisoned(&error()).await.unwrap().is_empty());
+    // The second worker dies too: no third worker gets it.
+    set(db, &id, &format!("lease_until = {}", now_millis() - 1)).await;
+    assert!(
+        db.claim(&lease("third"), LEASE, 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.id != id),
+        "a poison pill is never claimed a third time"
+    );
+    let poisoned = db.fail_poisoned(&error()).await.unwrap();
+    assert_eq!(poisoned.len(), 1);
+    assert_eq!(poisoned[0].id, id);
+    let row = db.get_job_by_id(&id).await.unwrap().unwrap();
+    assert_eq!(row.status, JobStatus::Failed);
+    assert!(row.unmanaged_at.is_some(), "marked unmanaged");
+    assert!(row.document_dek.is_none(), "the document key is destroyed");
+    assert_eq!(row.attempts, 2);
+    // The database queued a purge of the user.
+    let purges = db.purges().await.unwrap();
+    assert!(
+        purges
+            .iter()
+            .any(|p| p.job_id.as_ref() == Some(&id) && p.user_prefix.as_str() == "p"),
+        "{purges:?}"
+    );
+    // A lost lease that a graceful hand-back never produced is not counted for queued jobs.
+    let fresh = new_id("fresh");
+    insert(db, &fresh).await;
+    let claimed = db.claim(&lease("fourth"), LEASE, 10).await.unwrap();
+    let row = claimed.iter().find(|r| r.id == fresh).unwrap();
+    assert_eq!(row.lost_leases, 0);
+    set(db, &fresh, &format!("deleted_at = {}", now_millis())).await;
+}
+
 /// Two claimers at once never get the same job.
 async fn concurrent_claims_never_share_a_job(db: &Db) {
     let mut ids = Vec::new();
@@ -402,6 +451,7 @@ async fn rescue_rules_hold_on_sqlite() {
     let (db, _dir) = sqlite().await;
     rescue_table(&db).await;
     completion_racing_a_rescue(&db).await;
+    a_job_that_lost_its_lease_twice_is_not_claimed_a_third_time(&db).await;
     concurrent_claims_never_share_a_job(&db).await;
     tombstones_last_a_day(&db).await;
 }
@@ -411,6 +461,7 @@ async fn rescue_rules_hold_on_postgres() {
     let (db, name) = postgres().await;
     rescue_table(&db).await;
     completion_racing_a_rescue(&db).await;
+    a_job_that_lost_its_lease_twice_is_not_claimed_a_third_time(&db).await;
     concurrent_claims_never_share_a_job(&db).await;
     tombstones_last_a_day(&db).await;
     db.close().await;
