@@ -156,3 +156,26 @@ async fn hostile_documents_end_alone_and_the_server_and_other_patients_go_on() {
     })
     .await;
 }
+
+/// The confinement itself: a child that tried what a compromised parser would (a socket, the
+/// network, a file, a process, 4 GiB, a signal to the server) was refused each, and could still
+/// start a thread (parsers use them).
+#[test]
+fn a_sandbox_child_can_open_nothing_start_nothing_and_signal_no_one() {
+    let out = std::process::Command::new(crate::server::BIN)
+        .args(["__sandbox", "probe", "application/pdf", "536870912", "5"])
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running the sandbox child");
+    assert!(out.status.success(), "{:?}", out.status);
+    let line = out.stdout.split(|b| *b == b'\n').next().unwrap();
+    let header: Value = serde_json::from_slice(line).unwrap();
+    let tries = header["probed"].as_array().expect("a probe report");
+    assert!(tries.len() >= 8, "{header}");
+    for entry in tries {
+        let (what, allowed) = (entry[0].as_str().unwrap(), entry[1].as_bool().unwrap());
+        let expected = what == "start a thread";
+        assert_eq!(allowed, expected, "{what}: allowed = {allowed}");
+    }
+}

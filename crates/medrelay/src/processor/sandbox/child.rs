@@ -9,9 +9,11 @@ use std::process::ExitCode;
 use super::{Header, Limits, Part, Task, confine::confine, encode};
 use crate::processor::{Document, MediaType, ProcessError, Refusal};
 
-/// The child's `main`. Exit codes: 0 with an answer; 2 for bad arguments or a failed
-/// confinement (the parent treats any failure without an answer as an unreadable file; a
-/// child that cannot confine itself parses nothing).
+/// Exit code of a child that could not confine itself (it parses nothing).
+pub const UNCONFINED: u8 = 3;
+
+/// The child's `main`. Exit codes: 0 with an answer; 2 for bad arguments or broken pipes;
+/// [`UNCONFINED`] when a limit or the seccomp filter could not be applied.
 pub fn main(args: &[String]) -> ExitCode {
     let parsed = (|| {
         let [task, media_type, memory, cpu_secs] = args else {
@@ -30,7 +32,7 @@ pub fn main(args: &[String]) -> ExitCode {
         return ExitCode::from(2);
     };
     if confine(&limits).is_err() {
-        return ExitCode::from(2);
+        return ExitCode::from(UNCONFINED);
     }
     let mut bytes = Vec::new();
     if std::io::stdin().read_to_end(&mut bytes).is_err() {
@@ -61,6 +63,7 @@ fn run(task: Task, document: &Document) -> (Header, Vec<Vec<u8>>) {
             Ok(result) => (Header::Analyzed(Box::new(result)), Vec::new()),
             Err(e) => (refused(e), Vec::new()),
         },
+        Task::Probe => (Header::Probed(probe()), Vec::new()),
         Task::PrepareForClaude => match crate::processor::anthropic::prepare::prepare(document) {
             Ok(parts) => {
                 let header = Header::Prepared(
@@ -74,4 +77,46 @@ fn run(task: Task, document: &Document) -> (Header, Vec<Vec<u8>>) {
             Err(e) => (refused(e), Vec::new()),
         },
     }
+}
+
+/// Each thing a compromised parser might try, and whether the confinement let it.
+fn probe() -> Vec<(String, bool)> {
+    let parent = std::os::unix::process::parent_id();
+    let tries: Vec<(&str, bool)> = vec![
+        (
+            "open a socket",
+            std::net::UdpSocket::bind("127.0.0.1:0").is_ok(),
+        ),
+        (
+            "connect to the network",
+            std::net::TcpStream::connect("127.0.0.1:9").is_ok(),
+        ),
+        (
+            "create a file",
+            std::fs::File::create(std::env::temp_dir().join("medrelay-sandbox-probe")).is_ok(),
+        ),
+        ("read a file", std::fs::read("/etc/hostname").is_ok()),
+        (
+            "start a process",
+            std::process::Command::new("/bin/true").status().is_ok(),
+        ),
+        (
+            "allocate 4 GiB",
+            Vec::<u8>::new().try_reserve_exact(4 << 30).is_ok(),
+        ),
+        (
+            "signal the parent",
+            rustix::process::Pid::from_raw(parent as i32)
+                .map(|pid| rustix::process::test_kill_process(pid).is_ok())
+                .unwrap_or(false),
+        ),
+        (
+            "start a thread",
+            std::thread::spawn(|| 1).join().is_ok_and(|v| v == 1),
+        ),
+    ];
+    tries
+        .into_iter()
+        .map(|(what, allowed)| (what.to_owned(), allowed))
+        .collect()
 }

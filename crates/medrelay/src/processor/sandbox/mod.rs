@@ -34,6 +34,9 @@ pub enum Task {
     Analyze,
     /// What Claude is sent: PDF parts within its limits, or the photo re-encoded.
     PrepareForClaude,
+    /// Tries what a compromised parser would (a socket, a file, a process, a huge allocation,
+    /// a signal to the parent) and reports what the confinement allowed: for tests.
+    Probe,
 }
 
 impl Task {
@@ -41,11 +44,12 @@ impl Task {
         match self {
             Task::Analyze => "analyze",
             Task::PrepareForClaude => "prepare-for-claude",
+            Task::Probe => "probe",
         }
     }
 
     fn parse(text: &str) -> Option<Task> {
-        [Task::Analyze, Task::PrepareForClaude]
+        [Task::Analyze, Task::PrepareForClaude, Task::Probe]
             .into_iter()
             .find(|t| t.as_str() == text)
     }
@@ -66,6 +70,8 @@ pub(crate) enum Header {
     Analyzed(Box<DocumentResult>),
     Prepared(Vec<(Part, u64)>),
     Refused(Refusal),
+    /// What the probe managed to do (each `true` would be a hole).
+    Probed(Vec<(String, bool)>),
 }
 
 /// What a child produced.
@@ -185,6 +191,15 @@ impl Sandbox {
             tracing::warn!(task = task.as_str(), "a parser child answered too much");
             return Err(ProcessError::Abort(Refusal::TooComplex));
         }
+        if status.code() == Some(i32::from(child::UNCONFINED)) {
+            // Not the document's fault: this host does not allow the confinement. Nothing
+            // is parsed unconfined; the job waits for a retry and the operator is told.
+            tracing::error!("the parser sandbox cannot confine itself on this host");
+            return Err(ProcessError::Retry {
+                reason: "the parser sandbox cannot confine itself".into(),
+                retry_after: None,
+            });
+        }
         if !status.success() {
             use std::os::unix::process::ExitStatusExt;
             // Killed by a limit (SIGKILL/SIGXCPU for CPU time, SIGABRT for memory the
@@ -216,6 +231,7 @@ fn decode(out: &[u8]) -> Option<Result<Output, ProcessError>> {
     Some(match header {
         Header::Analyzed(result) => Ok(Output::Analyzed(result)),
         Header::Refused(refusal) => Err(ProcessError::Abort(refusal)),
+        Header::Probed(_) => return None,
         Header::Prepared(parts) => {
             let mut prepared = Vec::with_capacity(parts.len());
             for (part, len) in parts {
