@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 
 use crate::claude_mock::{Call, Mock, Reply, extraction};
 use crate::fixtures::{
-    corpus_file, heavy_pdf, jpeg, jpeg_with_orientation_6, pages_pdf, png, webp,
+    active_pdf_with_appended_zip, corpus_file, heavy_pdf, jpeg, jpeg_with_orientation_6, pages_pdf,
+    png, webp,
 };
 use crate::harness::{Backend, TestApp, eventually};
 
@@ -89,7 +90,16 @@ async fn a_pdf_is_sent_as_a_document_block_with_the_documented_headers() {
     assert_eq!(block["type"], "document");
     assert_eq!(block["source"]["type"], "base64");
     assert_eq!(block["source"]["media_type"], "application/pdf");
-    assert_eq!(decoded(block), pdf);
+    // The parsed document, written anew: the same pages and text, not the uploaded bytes.
+    let sent = decoded(block);
+    assert_ne!(sent, pdf);
+    let sent = lopdf::Document::load_mem(&sent).unwrap();
+    let original = lopdf::Document::load_mem(&pdf).unwrap();
+    assert_eq!(sent.get_pages().len(), 4);
+    assert_eq!(
+        sent.extract_text(&[1, 2, 3, 4]).unwrap(),
+        original.extract_text(&[1, 2, 3, 4]).unwrap()
+    );
     app.assert_store_empties().await;
     app.stop().await;
 }
@@ -478,4 +488,40 @@ fn recorded_answers_map_as_documented() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdf_reaches_claude_without_scripts_actions_attachments_or_appended_bytes() {
+    let (mock, base) = Mock::start(vec![Reply::ok(extraction("read as data"))], None).await;
+    let app = claude_app(&base, "1s,1s,1s", |_| {}).await;
+    let token = app.token("careful");
+    let marker = "CANARY-8830";
+    let pdf = active_pdf_with_appended_zip("Potassium 4.1 mmol/L", marker);
+    let parts = ["JS", "EMBEDDED", "XFA", "LAUNCH", "ZIP"];
+    for part in parts {
+        let needle = format!("{marker}-{part}");
+        assert!(
+            pdf.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "the fixture carries {needle}"
+        );
+    }
+    let job = app.upload_ok(&token, pdf, "application/pdf").await;
+    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let calls = mock.calls();
+    assert_eq!(calls.len(), 1);
+    let sent = decoded(&calls[0].body["messages"][0]["content"][0]);
+    assert!(
+        !sent.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "something active or attached reached the provider: {}",
+        String::from_utf8_lossy(&sent)
+    );
+    assert!(!sent.windows(4).any(|w| w == b"PK\x03\x04"), "the ZIP");
+    let sent = lopdf::Document::load_mem(&sent).unwrap();
+    assert!(
+        sent.extract_text(&[1])
+            .unwrap()
+            .contains("Potassium 4.1 mmol/L")
+    );
+    app.stop().await;
 }

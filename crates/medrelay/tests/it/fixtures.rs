@@ -267,19 +267,41 @@ pub fn deeply_nested_pdf(depth: usize) -> Vec<u8> {
     raw_pdf(&[content, font], "", &page)
 }
 
-/// A one-page PDF that carries JavaScript and actions (`/OpenAction`, `/AA`), with a ZIP
-/// appended after `%%EOF`. Read as data: nothing in it runs.
+/// A one-page PDF that carries everything active or attached, each part holding
+/// `{marker}-{part}`: a document-level script (`/OpenAction`, the `JavaScript` name tree), a
+/// page action (`/AA`), a link that launches a program, an attached file, an XFA form, and a
+/// ZIP appended after `%%EOF`. Its page shows `page_text`. Read as data: nothing in it runs.
 pub fn active_pdf_with_appended_zip(page_text: &str, marker: &str) -> Vec<u8> {
     let content = stream(
         "",
         format!("BT /F1 12 Tf 50 700 Td ({page_text}) Tj ET").as_bytes(),
     );
-    let js = format!("<< /S /JavaScript /JS (app.alert\\('{marker}-JS'\\)) >>");
-    let font = "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_owned();
+    let objects = vec![
+        content,
+        // 5: a script.
+        format!("<< /S /JavaScript /JS (app.alert\\('{marker}-JS'\\)) >>").into_bytes(),
+        // 6: the page's font.
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_vec(),
+        // 7, 8: an attached file and its file specification.
+        stream(
+            "/Type /EmbeddedFile",
+            format!("{marker}-EMBEDDED").as_bytes(),
+        ),
+        b"<< /Type /Filespec /F (notes.txt) /EF << /F 7 0 R >> >>".to_vec(),
+        // 9: an XFA form program.
+        stream("", format!("<xdp:xdp>{marker}-XFA</xdp:xdp>").as_bytes()),
+        // 10: a link that launches a program.
+        format!(
+            "<< /Type /Annot /Subtype /Link /Rect [0 0 10 10] \
+             /A << /S /Launch /F ({marker}-LAUNCH.exe) >> >>"
+        )
+        .into_bytes(),
+    ];
     let mut pdf = raw_pdf(
-        &[content, js.into_bytes(), font.into_bytes()],
-        "/OpenAction 5 0 R ",
-        "/Resources << /Font << /F1 6 0 R >> >> /AA << /O 5 0 R >> ",
+        &objects,
+        "/OpenAction 5 0 R /Names << /JavaScript << /Names [(go) 5 0 R] >> \
+         /EmbeddedFiles << /Names [(notes.txt) 8 0 R] >> >> /AcroForm << /Fields [] /XFA 9 0 R >> ",
+        "/Resources << /Font << /F1 6 0 R >> >> /AA << /O 5 0 R >> /Annots [10 0 R] ",
     );
     let mut zip = b"PK\x03\x04\x14\0\0\0\0\0".to_vec();
     zip.extend_from_slice(format!("{marker}-ZIP").as_bytes());

@@ -90,12 +90,13 @@ fn base64_len(len: usize) -> usize {
 }
 
 /// Splits a PDF into parts of at most 100 pages whose base64 fits a request, in order, with
-/// each part's page count. A PDF within both limits is sent as it is.
+/// each part's page count. Every part, a PDF within both limits too, is written anew from the
+/// parsed document, scrubbed of everything active or attached.
 pub fn split_pdf(bytes: &[u8]) -> Result<Vec<(Vec<u8>, u32)>, ProcessError> {
     let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         lopdf::Document::load_mem(bytes)
     }));
-    let doc = match loaded {
+    let mut doc = match loaded {
         Ok(Ok(doc)) => doc,
         Ok(Err(lopdf::Error::Decryption(_) | lopdf::Error::InvalidPassword)) => {
             return Err(ProcessError::Abort(Refusal::Encrypted));
@@ -109,14 +110,76 @@ pub fn split_pdf(bytes: &[u8]) -> Result<Vec<(Vec<u8>, u32)>, ProcessError> {
     if pages.is_empty() {
         return Err(ProcessError::Abort(Refusal::Unreadable));
     }
-    if pages.len() <= MAX_PDF_PAGES && base64_len(bytes.len()) <= MAX_PDF_BASE64 {
-        return Ok(vec![(bytes.to_vec(), pages.len() as u32)]);
+    // Only the parsed document leaves, never the uploaded bytes: no script, action, attached
+    // file or form program, and nothing that was appended outside the PDF's structure.
+    let scrubbed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        scrub_document(&mut doc);
+        let mut out = Vec::new();
+        doc.save_to(&mut out).map(|_| out)
+    }));
+    let whole = match scrubbed {
+        Ok(Ok(whole)) => whole,
+        _ => return Err(ProcessError::Abort(Refusal::Unreadable)),
+    };
+    if pages.len() <= MAX_PDF_PAGES && base64_len(whole.len()) <= MAX_PDF_BASE64 {
+        return Ok(vec![(whole, pages.len() as u32)]);
     }
     let mut parts = Vec::new();
     for chunk in pages.chunks(MAX_PDF_PAGES) {
         split_part(&doc, &pages, chunk, &mut parts)?;
     }
     Ok(parts)
+}
+
+/// Keys that hold something active or attached: scripts (`JS`, the `JavaScript` name tree),
+/// actions (`OpenAction`, additional actions `AA`), attached files (the `EmbeddedFiles` name
+/// tree, a file attachment's `FS`) and XFA form programs. None is needed to read the pages.
+const ACTIVE_KEYS: [&[u8]; 7] = [
+    b"OpenAction",
+    b"AA",
+    b"JS",
+    b"JavaScript",
+    b"EmbeddedFiles",
+    b"FS",
+    b"XFA",
+];
+
+/// Removes everything active or attached from a parsed document; what is no longer referenced
+/// is dropped when it is saved.
+fn scrub_document(doc: &mut lopdf::Document) {
+    for object in doc.objects.values_mut() {
+        scrub(object);
+    }
+    scrub_dictionary(&mut doc.trailer);
+    doc.prune_objects();
+}
+
+fn scrub(object: &mut lopdf::Object) {
+    match object {
+        lopdf::Object::Dictionary(dict) => scrub_dictionary(dict),
+        lopdf::Object::Stream(stream) => scrub_dictionary(&mut stream.dict),
+        lopdf::Object::Array(items) => items.iter_mut().for_each(scrub),
+        _ => {}
+    }
+}
+
+fn scrub_dictionary(dict: &mut lopdf::Dictionary) {
+    for key in ACTIVE_KEYS {
+        dict.remove(key);
+    }
+    // An action (`A`: a link's, an outline item's, a form field's): inline with a type `S`,
+    // or a reference to one.
+    let is_action = match dict.get(b"A") {
+        Ok(lopdf::Object::Dictionary(action)) => action.has(b"S"),
+        Ok(lopdf::Object::Reference(_)) => true,
+        _ => false,
+    };
+    if is_action {
+        dict.remove(b"A");
+    }
+    for (_, value) in dict.iter_mut() {
+        scrub(value);
+    }
 }
 
 /// Builds the part holding `keep`; halves it until its base64 fits a request.
