@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use medrelay::config::Settings;
 use medrelay::processor::local::analyze;
 use medrelay::processor::sandbox::{Sandbox, Task};
-use medrelay::processor::{Document, MediaType, Sniffed, sniff};
+use medrelay::processor::{Document, MediaType, ParseLimits, Sniffed, sniff};
 
 const ROUNDS: usize = 7;
 
@@ -74,7 +74,10 @@ fn main() {
             for first in [round % 2 == 0, round % 2 == 1] {
                 if first {
                     let started = Instant::now();
-                    let _ = std::hint::black_box(analyze(&document));
+                    let _ = std::hint::black_box(analyze(
+                        &document,
+                        &ParseLimits::from_settings(&settings),
+                    ));
                     inproc.push(started.elapsed());
                 } else {
                     let started = Instant::now();

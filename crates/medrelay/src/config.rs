@@ -250,6 +250,14 @@ pub struct Settings {
     /// The binary re-executed as the parser child (default: this process's executable).
     #[serde(default)]
     pub sandbox_exe: Option<PathBuf>,
+    /// Bytes a document's PDF streams may inflate to (images excepted).
+    pub pdf_max_inflated_bytes: u64,
+    pub pdf_max_pages: u32,
+    pub pdf_max_objects: u64,
+    /// How deep arrays and dictionaries may nest in one PDF object.
+    pub pdf_max_depth: u32,
+    /// Pixels of one photo.
+    pub image_max_pixels: u64,
     pub roles: Roles,
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
@@ -322,6 +330,11 @@ pub const KNOWN_KEYS: &[&str] = &[
     "sandbox_memory",
     "sandbox_timeout",
     "sandbox_exe",
+    "pdf_max_inflated_bytes",
+    "pdf_max_pages",
+    "pdf_max_objects",
+    "pdf_max_depth",
+    "image_max_pixels",
     "roles",
     "shutdown_grace",
     "poll_interval",

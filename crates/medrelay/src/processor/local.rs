@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use regex::Regex;
 
 use super::sandbox::{Output, Sandbox, Task};
-use super::{Document, MediaType, ProcessError, Processor, Refusal, photo};
+use super::{Document, MediaType, ParseLimits, ProcessError, Processor, Refusal, pdf, photo};
 use crate::model::{DocumentInfo, DocumentResult, DocumentType, ProcessorInfo};
 
 /// The `local` processor: each document is analyzed by a sandbox child.
@@ -49,11 +49,11 @@ impl Processor for LocalProcessor {
 }
 
 /// Analyzes a document synchronously: the task of the sandbox child.
-pub fn analyze(document: &Document) -> Result<DocumentResult, ProcessError> {
+pub fn analyze(document: &Document, limits: &ParseLimits) -> Result<DocumentResult, ProcessError> {
     match document.media_type {
-        MediaType::Pdf => analyze_pdf(&document.bytes),
+        MediaType::Pdf => analyze_pdf(&document.bytes, limits),
         MediaType::Jpeg | MediaType::Png | MediaType::Webp => {
-            analyze_image(&document.bytes, document.media_type)
+            analyze_image(&document.bytes, document.media_type, limits)
         }
     }
 }
@@ -77,23 +77,9 @@ fn contained<T>(f: impl FnOnce() -> T) -> Option<T> {
     catch_unwind(AssertUnwindSafe(f)).ok()
 }
 
-fn analyze_pdf(bytes: &[u8]) -> Result<DocumentResult, ProcessError> {
-    let doc = match contained(|| lopdf::Document::load_mem(bytes)) {
-        Some(Ok(doc)) => doc,
-        Some(Err(lopdf::Error::Decryption(_))) | Some(Err(lopdf::Error::InvalidPassword)) => {
-            return Err(ProcessError::Abort(Refusal::Encrypted));
-        }
-        Some(Err(_)) | None => return Err(ProcessError::Abort(Refusal::Unreadable)),
-    };
-    // A document that still carries /Encrypt after loading needs a password we do not have.
-    // (Owner-password-only files open with the empty user password and are readable.)
-    if doc.is_encrypted() {
-        return Err(ProcessError::Abort(Refusal::Encrypted));
-    }
+fn analyze_pdf(bytes: &[u8], limits: &ParseLimits) -> Result<DocumentResult, ProcessError> {
+    let doc = pdf::open(bytes, limits).map_err(ProcessError::Abort)?;
     let pages = contained(|| doc.get_pages()).ok_or(ProcessError::Abort(Refusal::Unreadable))?;
-    if pages.is_empty() {
-        return Err(ProcessError::Abort(Refusal::Unreadable));
-    }
     let page_count = pages.len() as u32;
 
     // pdf-extract understands fonts and layout best; lopdf's own extractor is the fallback
@@ -123,10 +109,14 @@ fn analyze_pdf(bytes: &[u8]) -> Result<DocumentResult, ProcessError> {
     Ok(result)
 }
 
-fn analyze_image(bytes: &[u8], media_type: MediaType) -> Result<DocumentResult, ProcessError> {
+fn analyze_image(
+    bytes: &[u8],
+    media_type: MediaType,
+    limits: &ParseLimits,
+) -> Result<DocumentResult, ProcessError> {
     // Every pixel is decoded (within limits checked before any buffer is allocated), so a
     // truncated or corrupt photo fails here instead of passing on its header alone.
-    let image = match contained(|| photo::decode(bytes, media_type)) {
+    let image = match contained(|| photo::decode(bytes, media_type, limits)) {
         Some(Ok(image)) => image,
         Some(Err(refusal)) => return Err(ProcessError::Abort(refusal)),
         None => return Err(ProcessError::Abort(Refusal::Unreadable)),
@@ -414,7 +404,7 @@ mod tests {
     fn garbage_that_claims_to_be_a_pdf_is_unreadable_not_a_crash() {
         let mut bytes = b"%PDF-1.7\n".to_vec();
         bytes.extend((0..5000u32).map(|i| (i * 7919 % 251) as u8));
-        let result = analyze_pdf(&bytes);
+        let result = analyze_pdf(&bytes, &ParseLimits::default());
         assert!(
             matches!(result, Err(ProcessError::Abort(Refusal::Unreadable))),
             "{result:?}"
@@ -426,7 +416,7 @@ mod tests {
         let img = image::RgbImage::from_pixel(321, 123, image::Rgb([1, 2, 3]));
         let mut png = Cursor::new(Vec::new());
         img.write_to(&mut png, image::ImageFormat::Png).unwrap();
-        let result = analyze_image(png.get_ref(), MediaType::Png).unwrap();
+        let result = analyze_image(png.get_ref(), MediaType::Png, &ParseLimits::default()).unwrap();
         assert_eq!(result.document.pixel_width, Some(321));
         assert_eq!(result.document.pixel_height, Some(123));
         assert_eq!(result.document.page_count, Some(1));
@@ -436,7 +426,11 @@ mod tests {
     #[test]
     fn a_pixel_flood_png_is_refused_without_allocating() {
         let started = std::time::Instant::now();
-        let result = analyze_image(&photo::tests::pixel_flood_png(), MediaType::Png);
+        let result = analyze_image(
+            &photo::tests::pixel_flood_png(),
+            MediaType::Png,
+            &ParseLimits::default(),
+        );
         // Over the pixel limits: too complex (a limit), not damaged.
         assert!(
             matches!(result, Err(ProcessError::Abort(Refusal::TooComplex))),
@@ -452,7 +446,7 @@ mod tests {
         img.write_to(&mut png, image::ImageFormat::Png).unwrap();
         let mut bytes = png.into_inner();
         bytes.truncate(bytes.len() / 2);
-        let result = analyze_image(&bytes, MediaType::Png);
+        let result = analyze_image(&bytes, MediaType::Png, &ParseLimits::default());
         assert!(
             matches!(result, Err(ProcessError::Abort(Refusal::Unreadable))),
             "{result:?}"

@@ -8,6 +8,7 @@
 
 pub mod anthropic;
 pub mod local;
+pub mod pdf;
 pub mod photo;
 pub mod sandbox;
 pub mod sniff;
@@ -39,6 +40,39 @@ impl fmt::Debug for Document {
             .field("media_type", &self.media_type)
             .field("size", &self.bytes.len())
             .finish()
+    }
+}
+
+/// What one document may hold; over any limit it is too complex. Enforced in the sandbox
+/// child, which receives them from the server's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ParseLimits {
+    /// Bytes the PDF streams that reading needs may inflate to (images are never inflated).
+    pub pdf_max_inflated_bytes: u64,
+    pub pdf_max_pages: u32,
+    pub pdf_max_objects: u64,
+    /// How deep arrays and dictionaries may nest in one PDF object.
+    pub pdf_max_depth: u32,
+    /// Pixels of one photo (width × height).
+    pub image_max_pixels: u64,
+}
+
+impl ParseLimits {
+    pub fn from_settings(settings: &Settings) -> ParseLimits {
+        ParseLimits {
+            pdf_max_inflated_bytes: settings.pdf_max_inflated_bytes,
+            pdf_max_pages: settings.pdf_max_pages,
+            pdf_max_objects: settings.pdf_max_objects,
+            pdf_max_depth: settings.pdf_max_depth,
+            image_max_pixels: settings.image_max_pixels,
+        }
+    }
+}
+
+impl Default for ParseLimits {
+    /// The embedded defaults.
+    fn default() -> Self {
+        ParseLimits::from_settings(&Settings::defaults())
     }
 }
 

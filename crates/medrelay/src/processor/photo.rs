@@ -6,7 +6,7 @@ use std::io::Cursor;
 
 use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Limits};
 
-use super::{MediaType, Refusal};
+use super::{MediaType, ParseLimits, Refusal};
 
 /// Larger photos are refused before any pixel buffer is allocated.
 pub const MAX_EDGE_PIXELS: u32 = 12_000;
@@ -14,7 +14,11 @@ pub const MAX_EDGE_PIXELS: u32 = 12_000;
 const MAX_ALLOC: u64 = 600 * 1024 * 1024;
 
 /// Decodes every pixel of a photo of `media_type`, turned upright.
-pub fn decode(bytes: &[u8], media_type: MediaType) -> Result<DynamicImage, Refusal> {
+pub fn decode(
+    bytes: &[u8],
+    media_type: MediaType,
+    limits: &ParseLimits,
+) -> Result<DynamicImage, Refusal> {
     let format = match media_type {
         MediaType::Jpeg => image::ImageFormat::Jpeg,
         MediaType::Png => image::ImageFormat::Png,
@@ -22,13 +26,17 @@ pub fn decode(bytes: &[u8], media_type: MediaType) -> Result<DynamicImage, Refus
         MediaType::Pdf => return Err(Refusal::Unsupported),
     };
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_EDGE_PIXELS);
-    limits.max_image_height = Some(MAX_EDGE_PIXELS);
-    limits.max_alloc = Some(MAX_ALLOC);
-    reader.limits(limits);
+    let mut decoder_limits = Limits::default();
+    decoder_limits.max_image_width = Some(MAX_EDGE_PIXELS);
+    decoder_limits.max_image_height = Some(MAX_EDGE_PIXELS);
+    decoder_limits.max_alloc = Some(MAX_ALLOC);
+    reader.limits(decoder_limits);
     // The header is checked against the limits before any pixel is decoded.
     let mut decoder = reader.into_decoder().map_err(refusal)?;
+    let (width, height) = decoder.dimensions();
+    if u64::from(width) * u64::from(height) > limits.image_max_pixels {
+        return Err(Refusal::TooComplex);
+    }
     let orientation = decoder.orientation().ok();
     let mut image = DynamicImage::from_decoder(decoder).map_err(refusal)?;
     if image.width() == 0 || image.height() == 0 {
@@ -78,10 +86,32 @@ pub(crate) mod tests {
 
     #[test]
     fn a_photo_over_the_pixel_limits_is_too_complex_before_any_pixel_is_decoded() {
-        let result = super::decode(&pixel_flood_png(), super::MediaType::Png);
+        let limits = super::ParseLimits::default();
+        let result = super::decode(&pixel_flood_png(), super::MediaType::Png, &limits);
         assert!(
             matches!(result, Err(super::Refusal::TooComplex)),
             "{result:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod pixel_limit {
+    use super::*;
+
+    #[test]
+    fn a_photo_over_the_configured_pixel_count_is_too_complex() {
+        let img = image::GrayImage::from_pixel(1200, 1000, image::Luma([9]));
+        let mut png = Cursor::new(Vec::new());
+        img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+        let tight = ParseLimits {
+            image_max_pixels: 1_000_000,
+            ..ParseLimits::default()
+        };
+        assert_eq!(
+            decode(png.get_ref(), MediaType::Png, &tight).err(),
+            Some(Refusal::TooComplex)
+        );
+        assert!(decode(png.get_ref(), MediaType::Png, &ParseLimits::default()).is_ok());
     }
 }

@@ -321,3 +321,64 @@ pub fn pixel_flood_png() -> Vec<u8> {
     png.extend_from_slice(&crc.sum().to_be_bytes());
     png
 }
+
+/// A scanned document: `pages` pages, each a `width` × `height` grey image (300 dpi letter is
+/// 2550 × 3300) of paper with sparse dark specks, Flate-compressed, plus a line of text. Every
+/// page holds its own copy of the same compressed image.
+pub fn scan_pdf(pages: usize, width: u32, height: u32) -> Vec<u8> {
+    use lopdf::{Document, Object, Stream, dictionary};
+    use std::io::Write;
+    let mut pixels = vec![250u8; (width * height) as usize];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for pixel in pixels.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x % 1000 < 25 {
+            *pixel = 20;
+        }
+    }
+    let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(&pixels).unwrap();
+    let compressed = encoder.finish().unwrap();
+    let mut doc = Document::with_version("1.5");
+    let pages_id = doc.new_object_id();
+    let font_id = doc.add_object(dictionary! {
+        "Type" => "Font", "Subtype" => "Type1", "BaseFont" => "Helvetica",
+    });
+    let mut kids = Vec::new();
+    for page in 0..pages {
+        let image = doc.add_object(Stream::new(
+            dictionary! {"Type" => "XObject", "Subtype" => "Image", "Width" => width as i64,
+            "Height" => height as i64, "ColorSpace" => "DeviceGray",
+            "BitsPerComponent" => 8, "Filter" => "FlateDecode"},
+            compressed.clone(),
+        ));
+        let text = format!(
+            "q 612 0 0 792 0 0 cm /Im0 Do Q BT /F1 12 Tf 50 750 Td (Scanned page {}) Tj ET",
+            page + 1
+        );
+        let content = doc.add_object(Stream::new(dictionary! {}, text.into_bytes()));
+        let page = doc.add_object(dictionary! {
+            "Type" => "Page", "Parent" => pages_id, "Contents" => content,
+            "Resources" => dictionary! {
+                "XObject" => dictionary! {"Im0" => image},
+                "Font" => dictionary! {"F1" => font_id},
+            },
+        });
+        kids.push(page.into());
+    }
+    let count = kids.len() as i64;
+    doc.objects.insert(
+        pages_id,
+        Object::Dictionary(dictionary! {
+            "Type" => "Pages", "Kids" => kids, "Count" => count,
+            "MediaBox" => vec![0.into(), 0.into(), 612.into(), 792.into()],
+        }),
+    );
+    let catalog = doc.add_object(dictionary! {"Type" => "Catalog", "Pages" => pages_id});
+    doc.trailer.set("Root", catalog);
+    let mut out = Vec::new();
+    doc.save_to(&mut out).unwrap();
+    out
+}

@@ -162,8 +162,16 @@ async fn hostile_documents_end_alone_and_the_server_and_other_patients_go_on() {
 /// start a thread (parsers use them).
 #[test]
 fn a_sandbox_child_can_open_nothing_start_nothing_and_signal_no_one() {
+    let limits = serde_json::to_string(&medrelay::processor::ParseLimits::default()).unwrap();
     let out = std::process::Command::new(crate::server::BIN)
-        .args(["__sandbox", "probe", "application/pdf", "536870912", "5"])
+        .args([
+            "__sandbox",
+            "probe",
+            "application/pdf",
+            "536870912",
+            "5",
+            &limits,
+        ])
         .env_clear()
         .stdin(std::process::Stdio::null())
         .output()

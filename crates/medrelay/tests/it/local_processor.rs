@@ -1,7 +1,7 @@
 //! The offline `local` processor, through the whole service: photos report their type and
 //! pixel size, simple rules fill the document type and date.
 
-use crate::fixtures::{jpeg, png, text_pdf, webp};
+use crate::fixtures::{jpeg, png, scan_pdf, text_pdf, webp};
 use crate::harness::{Backend, TestApp};
 
 on_every_backend!(
@@ -65,5 +65,26 @@ async fn simple_rules_fill_the_document_type_and_date(backend: Backend) {
             .unwrap()
             .contains("Hemoglobin 13.2")
     );
+    app.stop().await;
+}
+
+/// Nothing is inflated that reading does not need: a scan whose images inflate to 420 MB, far
+/// over the 256 MiB cap on inflated bytes, is read (its images are copied, never decoded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_30_mb_scan_of_50_pages_at_300_dpi_is_read() {
+    let app = TestApp::spawn(Backend::SqliteFolder).await;
+    let token = app.token("scanner");
+    let scan = scan_pdf(50, 2550, 3300);
+    assert!(
+        (24 << 20..32 << 20).contains(&scan.len()),
+        "a scan of about 30 MB: {} bytes",
+        scan.len()
+    );
+    let job = app.upload_ok(&token, scan, "application/pdf").await;
+    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["result"]["document"]["page_count"], 50);
+    let text = done["result"]["text"].as_str().unwrap();
+    assert!(text.contains("Scanned page 50"), "{text}");
     app.stop().await;
 }

@@ -9,17 +9,20 @@ use image::DynamicImage;
 
 use super::MAX_PDF_PAGES;
 use crate::processor::sandbox::Part;
-use crate::processor::{Document, MediaType, ProcessError, Refusal, photo};
+use crate::processor::{Document, MediaType, ParseLimits, ProcessError, Refusal, pdf, photo};
 
 /// The parts of a document to send, in order, with their bytes.
-pub fn prepare(document: &Document) -> Result<Vec<(Part, Vec<u8>)>, ProcessError> {
+pub fn prepare(
+    document: &Document,
+    limits: &ParseLimits,
+) -> Result<Vec<(Part, Vec<u8>)>, ProcessError> {
     match document.media_type {
-        MediaType::Pdf => Ok(split_pdf(&document.bytes)?
+        MediaType::Pdf => Ok(split_pdf(&document.bytes, limits)?
             .into_iter()
             .map(|(pdf, pages)| (Part::Pdf { pages }, pdf))
             .collect()),
         MediaType::Jpeg | MediaType::Png | MediaType::Webp => {
-            let photo = prepare_photo(&document.bytes, document.media_type)?;
+            let photo = prepare_photo(&document.bytes, document.media_type, limits)?;
             let part = Part::Jpeg {
                 width: photo.width,
                 height: photo.height,
@@ -52,9 +55,13 @@ impl std::fmt::Debug for Prepared {
 }
 
 /// Decodes, orients, scales and re-encodes a photo.
-pub fn prepare_photo(bytes: &[u8], media_type: MediaType) -> Result<Prepared, ProcessError> {
+pub fn prepare_photo(
+    bytes: &[u8],
+    media_type: MediaType,
+    limits: &ParseLimits,
+) -> Result<Prepared, ProcessError> {
     let unreadable = || ProcessError::Abort(Refusal::Unreadable);
-    let decoded = std::panic::catch_unwind(|| photo::decode(bytes, media_type));
+    let decoded = std::panic::catch_unwind(|| photo::decode(bytes, media_type, limits));
     let image = match decoded {
         Ok(Ok(image)) => image,
         Ok(Err(refusal)) => return Err(ProcessError::Abort(refusal)),
@@ -92,20 +99,8 @@ fn base64_len(len: usize) -> usize {
 /// Splits a PDF into parts of at most 100 pages whose base64 fits a request, in order, with
 /// each part's page count. Every part, a PDF within both limits too, is written anew from the
 /// parsed document, scrubbed of everything active or attached.
-pub fn split_pdf(bytes: &[u8]) -> Result<Vec<(Vec<u8>, u32)>, ProcessError> {
-    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        lopdf::Document::load_mem(bytes)
-    }));
-    let mut doc = match loaded {
-        Ok(Ok(doc)) => doc,
-        Ok(Err(lopdf::Error::Decryption(_) | lopdf::Error::InvalidPassword)) => {
-            return Err(ProcessError::Abort(Refusal::Encrypted));
-        }
-        _ => return Err(ProcessError::Abort(Refusal::Unreadable)),
-    };
-    if doc.is_encrypted() {
-        return Err(ProcessError::Abort(Refusal::Encrypted));
-    }
+pub fn split_pdf(bytes: &[u8], limits: &ParseLimits) -> Result<Vec<(Vec<u8>, u32)>, ProcessError> {
+    let mut doc = pdf::open(bytes, limits).map_err(ProcessError::Abort)?;
     let pages: Vec<u32> = doc.get_pages().keys().copied().collect();
     if pages.is_empty() {
         return Err(ProcessError::Abort(Refusal::Unreadable));
@@ -230,7 +225,8 @@ mod tests {
         });
         let mut png = Cursor::new(Vec::new());
         img.write_to(&mut png, image::ImageFormat::Png).unwrap();
-        let prepared = prepare_photo(png.get_ref(), MediaType::Png).unwrap();
+        let prepared =
+            prepare_photo(png.get_ref(), MediaType::Png, &ParseLimits::default()).unwrap();
         assert_eq!((prepared.width, prepared.height), (1568, 1045));
         assert!(prepared.jpeg.starts_with(&[0xff, 0xd8, 0xff]));
         let decoded = image::load_from_memory(&prepared.jpeg).unwrap();
@@ -243,7 +239,7 @@ mod tests {
         let started = std::time::Instant::now();
         // Over the pixel limits: too complex (a limit), not damaged.
         assert!(matches!(
-            prepare_photo(&png, MediaType::Png),
+            prepare_photo(&png, MediaType::Png, &ParseLimits::default()),
             Err(ProcessError::Abort(Refusal::TooComplex))
         ));
         assert!(started.elapsed() < std::time::Duration::from_secs(1));

@@ -1,5 +1,5 @@
-//! The sandbox child: `medrelay __sandbox TASK MEDIA-TYPE MEMORY CPU-SECS`, started by the
-//! parent with the document on stdin. It confines itself first, then reads the bytes, does the
+//! The sandbox child: `medrelay __sandbox TASK MEDIA-TYPE MEMORY CPU-SECS PARSE-LIMITS-JSON`,
+//! started by the parent with the document on stdin. It confines itself first, then reads the bytes, does the
 //! one task, and writes its answer on stdout. It logs nothing and runs no async runtime: one
 //! thread until a parser starts its own.
 
@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::process::ExitCode;
 
 use super::{Header, Limits, Part, Task, confine::confine, encode};
-use crate::processor::{Document, MediaType, ProcessError, Refusal};
+use crate::processor::{Document, MediaType, ParseLimits, ProcessError, Refusal};
 
 /// Exit code of a child that could not confine itself (it parses nothing).
 pub const UNCONFINED: u8 = 3;
@@ -16,7 +16,7 @@ pub const UNCONFINED: u8 = 3;
 /// [`UNCONFINED`] when a limit or the seccomp filter could not be applied.
 pub fn main(args: &[String]) -> ExitCode {
     let parsed = (|| {
-        let [task, media_type, memory, cpu_secs] = args else {
+        let [task, media_type, memory, cpu_secs, parse_limits] = args else {
             return None;
         };
         Some((
@@ -26,9 +26,10 @@ pub fn main(args: &[String]) -> ExitCode {
                 memory: memory.parse().ok()?,
                 cpu_secs: cpu_secs.parse().ok()?,
             },
+            serde_json::from_str::<ParseLimits>(parse_limits).ok()?,
         ))
     })();
-    let Some((task, media_type, limits)) = parsed else {
+    let Some((task, media_type, limits, parse_limits)) = parsed else {
         return ExitCode::from(2);
     };
     if confine(&limits).is_err() {
@@ -42,7 +43,7 @@ pub fn main(args: &[String]) -> ExitCode {
         media_type,
         bytes: bytes.into(),
     };
-    let (header, payloads) = run(task, &document);
+    let (header, payloads) = run(task, &document, &parse_limits);
     let out = encode(&header, &payloads);
     let mut stdout = std::io::stdout().lock();
     if stdout.write_all(&out).and_then(|_| stdout.flush()).is_err() {
@@ -52,30 +53,32 @@ pub fn main(args: &[String]) -> ExitCode {
 }
 
 /// Does one task; every failure becomes the refusal the app will see.
-fn run(task: Task, document: &Document) -> (Header, Vec<Vec<u8>>) {
+fn run(task: Task, document: &Document, limits: &ParseLimits) -> (Header, Vec<Vec<u8>>) {
     let refused = |e: ProcessError| match e {
         ProcessError::Abort(refusal) => Header::Refused(refusal),
         // Retry and unmanaged do not arise from a parser; a document is never retried for it.
         _ => Header::Refused(Refusal::Unreadable),
     };
     match task {
-        Task::Analyze => match crate::processor::local::analyze(document) {
+        Task::Analyze => match crate::processor::local::analyze(document, limits) {
             Ok(result) => (Header::Analyzed(Box::new(result)), Vec::new()),
             Err(e) => (refused(e), Vec::new()),
         },
         Task::Probe => (Header::Probed(probe()), Vec::new()),
-        Task::PrepareForClaude => match crate::processor::anthropic::prepare::prepare(document) {
-            Ok(parts) => {
-                let header = Header::Prepared(
-                    parts
-                        .iter()
-                        .map(|(part, bytes)| (*part, bytes.len() as u64))
-                        .collect::<Vec<(Part, u64)>>(),
-                );
-                (header, parts.into_iter().map(|(_, bytes)| bytes).collect())
+        Task::PrepareForClaude => {
+            match crate::processor::anthropic::prepare::prepare(document, limits) {
+                Ok(parts) => {
+                    let header = Header::Prepared(
+                        parts
+                            .iter()
+                            .map(|(part, bytes)| (*part, bytes.len() as u64))
+                            .collect::<Vec<(Part, u64)>>(),
+                    );
+                    (header, parts.into_iter().map(|(_, bytes)| bytes).collect())
+                }
+                Err(e) => (refused(e), Vec::new()),
             }
-            Err(e) => (refused(e), Vec::new()),
-        },
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Document, ProcessError, Refusal};
+use super::{Document, ParseLimits, ProcessError, Refusal};
 use crate::config::Settings;
 use crate::model::DocumentResult;
 
@@ -106,6 +106,8 @@ pub struct Limits {
 pub struct Sandbox {
     exe: PathBuf,
     limits: Limits,
+    /// What one document may hold, checked by the child.
+    parse_limits: ParseLimits,
     timeout: Duration,
     /// The most a child may answer; more is a runaway.
     max_output: u64,
@@ -124,6 +126,7 @@ impl Sandbox {
                 memory: settings.sandbox_memory,
                 cpu_secs: settings.sandbox_timeout.as_secs().max(1),
             },
+            parse_limits: ParseLimits::from_settings(settings),
             timeout: settings.sandbox_timeout,
             max_output: 4 * settings.max_upload_bytes + 16 * 1024 * 1024,
         })
@@ -137,6 +140,7 @@ impl Sandbox {
             .arg(document.media_type.as_str())
             .arg(self.limits.memory.to_string())
             .arg(self.limits.cpu_secs.to_string())
+            .arg(serde_json::to_string(&self.parse_limits).expect("limits serialize"))
             // Nothing of the server's environment (keys, endpoints, log settings) is needed.
             .env_clear()
             .env("MALLOC_ARENA_MAX", "2")

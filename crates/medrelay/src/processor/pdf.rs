@@ -1,0 +1,218 @@
+//! Opening a PDF within limits, in the sandbox child: the parse itself (lopdf, panics
+//! contained), then the document's size checked against [`ParseLimits`] before any work:
+//! pages, objects, nesting depth, and the bytes its streams inflate to. Image streams are never
+//! inflated (reading text, counting pages and re-serialising copy them as they are), so a large
+//! scan passes where a bomb of the same size does not.
+
+use std::io::Read;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use lopdf::{Document, Object};
+
+use super::{ParseLimits, Refusal};
+
+/// Parses `bytes` and checks it against `limits`.
+pub fn open(bytes: &[u8], limits: &ParseLimits) -> Result<Document, Refusal> {
+    let doc = match catch_unwind(|| Document::load_mem(bytes)) {
+        Ok(Ok(doc)) => doc,
+        Ok(Err(lopdf::Error::Decryption(_) | lopdf::Error::InvalidPassword)) => {
+            return Err(Refusal::Encrypted);
+        }
+        _ => return Err(Refusal::Unreadable),
+    };
+    // A document that still carries /Encrypt after loading needs a password we do not have.
+    // (Owner-password-only files open with the empty user password and are readable.)
+    if doc.is_encrypted() {
+        return Err(Refusal::Encrypted);
+    }
+    if doc.objects.len() as u64 > limits.pdf_max_objects {
+        return Err(Refusal::TooComplex);
+    }
+    let pages = catch_unwind(AssertUnwindSafe(|| doc.get_pages().len()))
+        .map_err(|_| Refusal::Unreadable)?;
+    if pages == 0 {
+        return Err(Refusal::Unreadable);
+    }
+    if pages as u64 > u64::from(limits.pdf_max_pages) {
+        return Err(Refusal::TooComplex);
+    }
+    if doc
+        .objects
+        .values()
+        .any(|o| depth(o, limits.pdf_max_depth) > limits.pdf_max_depth)
+    {
+        return Err(Refusal::TooComplex);
+    }
+    if inflated(&doc, limits.pdf_max_inflated_bytes) > limits.pdf_max_inflated_bytes {
+        return Err(Refusal::TooComplex);
+    }
+    Ok(doc)
+}
+
+/// How deep arrays and dictionaries nest in `object`, counted up to just past `max`.
+fn depth(object: &Object, max: u32) -> u32 {
+    let mut deepest = 0;
+    let mut stack = vec![(object, 0u32)];
+    while let Some((object, level)) = stack.pop() {
+        deepest = deepest.max(level);
+        if deepest > max {
+            break;
+        }
+        match object {
+            Object::Array(items) => stack.extend(items.iter().map(|i| (i, level + 1))),
+            Object::Dictionary(dict) => stack.extend(dict.iter().map(|(_, v)| (v, level + 1))),
+            Object::Stream(stream) => stack.extend(stream.dict.iter().map(|(_, v)| (v, level + 1))),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// The bytes the document's non-image streams inflate to, counted up to just past `cap`
+/// (inflated into a sink, never held). Only Flate is measured: it is the filter that
+/// amplifies; the others are bounded by their input.
+fn inflated(doc: &Document, cap: u64) -> u64 {
+    let mut total = 0u64;
+    for object in doc.objects.values() {
+        let Object::Stream(stream) = object else {
+            continue;
+        };
+        let is_image = stream
+            .dict
+            .get(b"Subtype")
+            .and_then(Object::as_name)
+            .is_ok_and(|s| s == b"Image");
+        let flate = stream
+            .filters()
+            .is_ok_and(|f| f.first().is_some_and(|f| *f == b"FlateDecode"));
+        if is_image || !flate {
+            total += stream.content.len() as u64;
+        } else {
+            let remaining = cap.saturating_sub(total) + 1;
+            let mut decoder =
+                flate2::read::ZlibDecoder::new(stream.content.as_slice()).take(remaining);
+            // A damaged stream counts what it inflated before the damage.
+            total += std::io::copy(&mut decoder, &mut std::io::sink()).unwrap_or(remaining);
+        }
+        if total > cap {
+            break;
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use lopdf::{Stream, dictionary};
+
+    use super::*;
+
+    /// A PDF of `pages` pages, each with a Flate content stream of `content_bytes` and an
+    /// image of `image_bytes` (Flate too), its page dictionary nesting an array `nesting` deep.
+    fn pdf(pages: usize, content_bytes: usize, image_bytes: usize, nesting: usize) -> Vec<u8> {
+        let mut doc = Document::with_version("1.5");
+        let pages_id = doc.new_object_id();
+        let mut kids = Vec::new();
+        for _ in 0..pages {
+            // `1 w` (4 bytes) repeated: about `content_bytes` of drawing commands.
+            let mut content = Stream::new(dictionary! {}, b"1 w\n".repeat(content_bytes / 4 + 1));
+            content.compress().unwrap();
+            let content = doc.add_object(content);
+            let mut image = Stream::new(
+                dictionary! {"Type" => "XObject", "Subtype" => "Image", "Width" => 1, "Height" => 1,
+                "ColorSpace" => "DeviceGray", "BitsPerComponent" => 8},
+                vec![0u8; image_bytes],
+            );
+            image.compress().unwrap();
+            let image = doc.add_object(image);
+            let mut nested = Object::Array(vec![]);
+            for _ in 0..nesting {
+                nested = Object::Array(vec![nested]);
+            }
+            let page = doc.add_object(dictionary! {
+                "Type" => "Page", "Parent" => pages_id, "Contents" => content, "Nested" => nested,
+                "Resources" => dictionary! {"XObject" => dictionary! {"Im0" => image}},
+            });
+            kids.push(page.into());
+        }
+        let count = kids.len() as i64;
+        doc.objects.insert(
+            pages_id,
+            Object::Dictionary(
+                dictionary! {"Type" => "Pages", "Kids" => kids, "Count" => count,
+                "MediaBox" => vec![0.into(), 0.into(), 595.into(), 842.into()]},
+            ),
+        );
+        let catalog = doc.add_object(dictionary! {"Type" => "Catalog", "Pages" => pages_id});
+        doc.trailer.set("Root", catalog);
+        let mut out = Vec::new();
+        doc.save_to(&mut out).unwrap();
+        out
+    }
+
+    fn limits() -> ParseLimits {
+        ParseLimits {
+            pdf_max_inflated_bytes: 100_000,
+            pdf_max_pages: 10,
+            pdf_max_objects: 100,
+            pdf_max_depth: 20,
+            image_max_pixels: 1_000_000,
+        }
+    }
+
+    #[test]
+    fn a_document_within_every_limit_opens() {
+        assert!(open(&pdf(3, 1_000, 1_000, 5), &limits()).is_ok());
+    }
+
+    #[test]
+    fn too_many_pages_are_too_complex() {
+        let limits = ParseLimits {
+            pdf_max_pages: 2,
+            ..limits()
+        };
+        assert_eq!(
+            open(&pdf(3, 10, 10, 1), &limits).err(),
+            Some(Refusal::TooComplex)
+        );
+    }
+
+    #[test]
+    fn too_many_objects_are_too_complex() {
+        let limits = ParseLimits {
+            pdf_max_objects: 8,
+            ..limits()
+        };
+        assert_eq!(
+            open(&pdf(3, 10, 10, 1), &limits).err(),
+            Some(Refusal::TooComplex)
+        );
+    }
+
+    #[test]
+    fn nesting_deeper_than_allowed_is_too_complex() {
+        assert_eq!(
+            open(&pdf(1, 10, 10, 30), &limits()).err(),
+            Some(Refusal::TooComplex)
+        );
+    }
+
+    #[test]
+    fn streams_inflating_past_the_cap_are_too_complex_but_images_never_count() {
+        // 2 pages x 60 kB of content: over the 100 kB cap.
+        assert_eq!(
+            open(&pdf(2, 60_000, 10, 1), &limits()).err(),
+            Some(Refusal::TooComplex)
+        );
+        // 2 pages x 5 MB of image: far over the cap, and fine: images are not inflated.
+        assert!(open(&pdf(2, 1_000, 5_000_000, 1), &limits()).is_ok());
+    }
+
+    #[test]
+    fn garbage_is_unreadable_and_a_password_is_encrypted() {
+        assert_eq!(
+            open(b"%PDF-1.7\ngarbage", &limits()).err(),
+            Some(Refusal::Unreadable)
+        );
+    }
+}
