@@ -5,13 +5,17 @@
 
 use std::time::{Duration, Instant};
 
+use medrelay::db::Db;
+use medrelay::ids::JobId;
+use medrelay::store::Store;
 use serde_json::Value;
 
+use crate::claude_mock::{Mock, Reply, extraction};
 use crate::fixtures::{
     active_pdf_with_appended_zip, corpus_file, deeply_nested_pdf, flate_bomb_pdf, pixel_flood_png,
     png, text_pdf,
 };
-use crate::harness::walk;
+use crate::harness::{Backend, drop_postgres, fresh_bucket, fresh_postgres};
 use crate::server::{Server, wait_terminal};
 
 /// The sandbox deadline of these servers; a hostile job must end within twice that.
@@ -32,16 +36,88 @@ async fn upload(server: &Server, token: &str, bytes: Vec<u8>) -> Value {
 /// What a hostile file must end as: a failure code, or success (read as data).
 enum Expect {
     Fails(&'static str),
-    Succeeds { text: &'static str },
+    Succeeds,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Processor {
+    Local,
+    /// Claude, answered by the local mock.
+    Anthropic,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_documents_end_alone_and_the_server_and_other_patients_go_on() {
+async fn hostile_documents_end_alone_on_the_local_processor_sqlite_and_folder() {
+    hostile_documents_end_alone(Processor::Local, Backend::SqliteFolder).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_documents_end_alone_on_the_local_processor_postgres_and_s3() {
+    hostile_documents_end_alone(Processor::Local, Backend::PostgresS3).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_documents_end_alone_on_claude_sqlite_and_folder() {
+    hostile_documents_end_alone(Processor::Anthropic, Backend::SqliteFolder).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_documents_end_alone_on_claude_postgres_and_s3() {
+    hostile_documents_end_alone(Processor::Anthropic, Backend::PostgresS3).await
+}
+
+/// For each hostile file, while two other users upload ordinary documents: the server stays
+/// up within idle + 64 MiB, the others succeed in one attempt, the hostile job ends with its
+/// code within twice the deadline, and no document byte or key is left.
+async fn hostile_documents_end_alone(processor: Processor, backend: Backend) {
     let deadline = format!("{}s", DEADLINE.as_secs());
-    let server = Server::start(&[
-        ("MEDRELAY_SANDBOX_TIMEOUT", deadline.as_str()),
-        ("MEDRELAY_WORKERS", "4"),
-    ]);
+    let mut envs: Vec<(&str, String)> = vec![
+        ("MEDRELAY_SANDBOX_TIMEOUT", deadline),
+        ("MEDRELAY_WORKERS", "4".into()),
+    ];
+    let mock = match processor {
+        Processor::Local => None,
+        Processor::Anthropic => {
+            let (mock, base) =
+                Mock::start(vec![], Some(Reply::ok(extraction("read by Claude")))).await;
+            envs.push(("MEDRELAY_PROCESSOR", "anthropic".into()));
+            envs.push(("ANTHROPIC_BASE_URL", base));
+            envs.push(("ANTHROPIC_API_KEY", "sk-ant-test".into()));
+            Some(mock)
+        }
+    };
+    let mut pg_name = None;
+    if backend.postgres() {
+        let (url, name) = fresh_postgres().await;
+        envs.push(("MEDRELAY_DATABASE_URL", url));
+        pg_name = Some(name);
+    }
+    if backend.s3() {
+        envs.push((
+            "MEDRELAY_STORAGE_URL",
+            format!("s3://{}/medrelay", fresh_bucket().await),
+        ));
+    }
+    let env_refs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start(&env_refs);
+    let env = |name: &str| {
+        envs.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let data = server.data();
+    let db = Db::connect(
+        &env("MEDRELAY_DATABASE_URL")
+            .unwrap_or_else(|| format!("sqlite://{}", data.join("medrelay.db").display())),
+    )
+    .await
+    .unwrap();
+    let store = Store::open(
+        &env("MEDRELAY_STORAGE_URL")
+            .unwrap_or_else(|| format!("file://{}", data.join("objects").display())),
+    )
+    .unwrap();
+
     let http = reqwest::Client::new();
     let attacker = server.token("attacker");
     let alice = server.token("alice");
@@ -68,7 +144,7 @@ async fn hostile_documents_end_alone_and_the_server_and_other_patients_go_on() {
         (
             "arrays nested 3 deep (the same file, harmless: a control)",
             deeply_nested_pdf(3),
-            Expect::Succeeds { text: "nested" },
+            Expect::Succeeds,
         ),
         (
             "a PNG declaring 65535 x 65535 pixels",
@@ -88,12 +164,11 @@ async fn hostile_documents_end_alone_and_the_server_and_other_patients_go_on() {
         (
             "a PDF with JavaScript, actions and a ZIP appended",
             active_pdf_with_appended_zip("Blood count normal", "CANARY-5512"),
-            Expect::Succeeds {
-                text: "Blood count normal",
-            },
+            Expect::Succeeds,
         ),
     ];
     for (what, bytes, expect) in cases {
+        let what = format!("{processor:?}/{backend:?}: {what}");
         let started = Instant::now();
         let (hostile, ordinary_a, ordinary_b) = tokio::join!(
             upload(&server, &attacker, bytes),
@@ -104,13 +179,8 @@ async fn hostile_documents_end_alone_and_the_server_and_other_patients_go_on() {
             ),
             upload(&server, &bob, png(200, 100)),
         );
-        let done = wait_terminal(
-            &http,
-            &server.addr,
-            &attacker,
-            hostile["id"].as_str().unwrap(),
-        )
-        .await;
+        let hostile_id = hostile["id"].as_str().unwrap();
+        let done = wait_terminal(&http, &server.addr, &attacker, hostile_id).await;
         assert!(
             started.elapsed() < 2 * DEADLINE,
             "{what}: ended after {:?}",
@@ -123,10 +193,9 @@ async fn hostile_documents_end_alone_and_the_server_and_other_patients_go_on() {
                 assert_eq!(done["error"]["retryable"], false, "{what}");
                 assert_eq!(done["attempts"], 1, "{what}: not retried");
             }
-            Expect::Succeeds { text } => {
+            Expect::Succeeds => {
                 assert_eq!(done["status"], "succeeded", "{what}: {done}");
-                let extracted = done["result"]["text"].as_str().unwrap_or_default();
-                assert!(extracted.contains(text), "{what}: {extracted}");
+                assert!(done["result"]["text"].is_string(), "{what}: {done}");
             }
         }
         // Other patients' jobs are untouched: one attempt each, and they succeed.
@@ -135,12 +204,27 @@ async fn hostile_documents_end_alone_and_the_server_and_other_patients_go_on() {
             assert_eq!(done["status"], "succeeded", "{what}: {done}");
             assert_eq!(done["attempts"], 1, "{what}: {done}");
         }
-        // The attacker is not purged (a managed failure): the list still has the job.
+        // A managed failure: the attacker is not purged, the job is listed.
         let listed = server.list_jobs(&attacker).await;
         assert!(
             listed.iter().any(|j| j["id"] == hostile["id"]),
             "{what}: the attacker's job list lost its job"
         );
+        // Nothing of the document is left: no key in the row, no object in the store.
+        let row = db
+            .get_job_by_id(&JobId::from_raw(hostile_id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(row.document_dek.is_none(), "{what}: a document key is left");
+        let left: Vec<_> = store
+            .list_all()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(key, _)| key.as_ref().contains(hostile_id))
+            .collect();
+        assert!(left.is_empty(), "{what}: {left:?}");
         // The server's memory is the server's: the child's was the child's.
         let (peak_kib, _) = server.memory_kib();
         assert!(
@@ -148,13 +232,21 @@ async fn hostile_documents_end_alone_and_the_server_and_other_patients_go_on() {
             "{what}: server peak {peak_kib} KiB, idle {idle_kib} KiB"
         );
     }
+    if let Some(mock) = &mock {
+        // Only ordinary documents and what was read as data reached the provider.
+        assert!(!mock.calls().is_empty());
+    }
     // Nothing of any document is left in the store (every job is terminal).
-    let objects = server.data().join("objects");
     crate::harness::eventually(Duration::from_secs(10), "an empty store", || async {
-        let left = walk(&objects);
+        let left = store.list_all().await.unwrap();
         left.is_empty().then_some(()).ok_or(format!("{left:?}"))
     })
     .await;
+    db.close().await;
+    drop(server);
+    if let Some(name) = pg_name {
+        drop_postgres(&name).await;
+    }
 }
 
 /// The confinement itself: a child that tried what a compromised parser would (a socket, the
