@@ -19,6 +19,7 @@ mod claude;
 mod deletion;
 mod encryption;
 mod expiry;
+mod fuzz;
 mod hostile;
 mod local_processor;
 mod operations;
