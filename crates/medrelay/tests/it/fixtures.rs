@@ -204,7 +204,8 @@ pub fn jpeg_with_orientation_6(w: u32, h: u32) -> Vec<u8> {
 fn raw_pdf(objects: &[Vec<u8>], catalog: &str, page: &str) -> Vec<u8> {
     let mut all: Vec<Vec<u8>> = vec![
         format!("<< /Type /Catalog /Pages 2 0 R {catalog}>>").into_bytes(),
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_vec(),
+        // Six digits, so that a test can change the claim without moving any object.
+        b"<< /Type /Pages /Kids [3 0 R] /Count 000001 >>".to_vec(),
         format!("<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R {page}>>")
             .into_bytes(),
     ];
@@ -380,5 +381,63 @@ pub fn scan_pdf(pages: usize, width: u32, height: u32) -> Vec<u8> {
     doc.trailer.set("Root", catalog);
     let mut out = Vec::new();
     doc.save_to(&mut out).unwrap();
+    out
+}
+
+/// A small, valid grey PNG whose zTXt (text) and iCCP (colour profile) chunks each inflate to
+/// 2 GiB of zeros: a bomb in the metadata, not the pixels.
+pub fn png_with_chunk_bombs() -> Vec<u8> {
+    use std::io::Write;
+    fn chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend_from_slice(&crc.sum().to_be_bytes());
+        out
+    }
+    let mut bomb = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..2048 {
+        bomb.write_all(&zeros).unwrap();
+    }
+    let bomb = bomb.finish().unwrap();
+    let (w, h) = (16u32, 16u32);
+    let mut header = w.to_be_bytes().to_vec();
+    header.extend_from_slice(&h.to_be_bytes());
+    header.extend_from_slice(&[8, 0, 0, 0, 0]);
+    let raw: Vec<u8> = (0..h)
+        .flat_map(|_| std::iter::once(0).chain(std::iter::repeat_n(128, w as usize)))
+        .collect();
+    let mut idat = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    idat.write_all(&raw).unwrap();
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &header));
+    png.extend(chunk(b"zTXt", &[b"Comment\0\0".as_slice(), &bomb].concat()));
+    png.extend(chunk(b"iCCP", &[b"icc\0\0".as_slice(), &bomb].concat()));
+    png.extend(chunk(b"IDAT", &idat.finish().unwrap()));
+    png.extend(chunk(b"IEND", b""));
+    png
+}
+
+/// A PDF whose page tree claims `claimed` pages over one real page.
+pub fn pdf_claiming_pages(claimed: u64) -> Vec<u8> {
+    let content = stream("", b"BT /F1 12 Tf 50 700 Td (one real page) Tj ET");
+    let font = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_vec();
+    let pdf = raw_pdf(
+        &[content, font],
+        "",
+        "/Resources << /Font << /F1 5 0 R >> >> ",
+    );
+    let honest = b"/Count 000001";
+    let at = pdf.windows(honest.len()).position(|w| w == honest).unwrap();
+    // Same length, so the cross-reference table stays right.
+    let claim = format!("/Count {claimed:06}");
+    assert_eq!(claim.len(), honest.len(), "at most six digits");
+    let mut out = pdf[..at].to_vec();
+    out.extend_from_slice(claim.as_bytes());
+    out.extend_from_slice(&pdf[at + honest.len()..]);
     out
 }

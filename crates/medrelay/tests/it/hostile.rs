@@ -3,6 +3,7 @@
 //! parse), leaves nothing behind, and neither the server's memory nor other patients' jobs
 //! notice. Through a real `medrelay serve` process.
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use medrelay::db::Db;
@@ -12,8 +13,8 @@ use serde_json::Value;
 
 use crate::claude_mock::{Mock, Reply, extraction};
 use crate::fixtures::{
-    active_pdf_with_appended_zip, corpus_file, deeply_nested_pdf, flate_bomb_pdf, pixel_flood_png,
-    png, text_pdf,
+    active_pdf_with_appended_zip, corpus_file, deeply_nested_pdf, flate_bomb_pdf,
+    pdf_claiming_pages, pixel_flood_png, png, png_with_chunk_bombs, text_pdf,
 };
 use crate::harness::{Backend, drop_postgres, fresh_bucket, fresh_postgres};
 use crate::server::{Server, wait_terminal};
@@ -33,10 +34,20 @@ async fn upload(server: &Server, token: &str, bytes: Vec<u8>) -> Value {
     response.json().await.unwrap()
 }
 
-/// What a hostile file must end as: a failure code, or success (read as data).
+/// Bombs take seconds to make: made once for the whole matrix.
+static FLATE_BOMB: OnceLock<Vec<u8>> = OnceLock::new();
+static CHUNK_BOMBS: OnceLock<Vec<u8>> = OnceLock::new();
+
+fn cached(cell: &OnceLock<Vec<u8>>, make: impl FnOnce() -> Vec<u8>) -> Vec<u8> {
+    cell.get_or_init(make).clone()
+}
+
+/// What a hostile file must end as: a failure code, or success (read as data), with our own
+/// page count where it matters.
 enum Expect {
     Fails(&'static str),
     Succeeds,
+    SucceedsWithPages(u64),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -132,7 +143,7 @@ async fn hostile_documents_end_alone(processor: Processor, backend: Backend) {
     let cases: Vec<(&str, Vec<u8>, Expect)> = vec![
         (
             "a Flate bomb (9 MB inflating to 6 GB)",
-            flate_bomb_pdf(6 << 30),
+            cached(&FLATE_BOMB, || flate_bomb_pdf(6 << 30)),
             Expect::Fails("document-too-complex"),
         ),
         (
@@ -150,6 +161,16 @@ async fn hostile_documents_end_alone(processor: Processor, backend: Backend) {
             "a PNG declaring 65535 x 65535 pixels",
             pixel_flood_png(),
             Expect::Fails("document-too-complex"),
+        ),
+        (
+            "a PNG whose zTXt and iCCP chunks inflate to 2 GiB each",
+            cached(&CHUNK_BOMBS, png_with_chunk_bombs),
+            Expect::Fails("document-too-complex"),
+        ),
+        (
+            "a page tree claiming 100,000 pages over one real page",
+            pdf_claiming_pages(100_000),
+            Expect::SucceedsWithPages(1),
         ),
         (
             "a truncated PNG",
@@ -196,6 +217,10 @@ async fn hostile_documents_end_alone(processor: Processor, backend: Backend) {
             Expect::Succeeds => {
                 assert_eq!(done["status"], "succeeded", "{what}: {done}");
                 assert!(done["result"]["text"].is_string(), "{what}: {done}");
+            }
+            Expect::SucceedsWithPages(pages) => {
+                assert_eq!(done["status"], "succeeded", "{what}: {done}");
+                assert_eq!(done["result"]["document"]["page_count"], pages, "{what}");
             }
         }
         // Other patients' jobs are untouched: one attempt each, and they succeed.
