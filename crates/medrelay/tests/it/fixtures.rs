@@ -117,24 +117,13 @@ pub fn pages_pdf(pages: &[String]) -> Vec<u8> {
         });
         kids.push(page_id.into());
     }
-    let count = kids.len() as i64;
-    doc.objects.insert(
-        pages_id,
-        Object::Dictionary(dictionary! {
-            "Type" => "Pages", "Kids" => kids, "Count" => count,
-            "Resources" => resources_id, "MediaBox" => vec![0.into(), 0.into(), 595.into(), 842.into()],
-        }),
-    );
-    let catalog_id = doc.add_object(dictionary! { "Type" => "Catalog", "Pages" => pages_id });
-    doc.trailer.set("Root", catalog_id);
-    let mut out = Vec::new();
-    doc.save_to(&mut out).expect("saving a PDF");
-    out
+    let resources = dictionary! {"Resources" => resources_id};
+    finish_pdf(doc, pages_id, kids, (595, 842), resources)
 }
 
 /// A PDF of `pages` pages, each carrying `bytes_per_page` of incompressible image-like data.
 pub fn heavy_pdf(pages: usize, bytes_per_page: usize) -> Vec<u8> {
-    use lopdf::{Document, Object, Stream, dictionary};
+    use lopdf::{Document, Stream, dictionary};
     let mut doc = Document::with_version("1.5");
     let pages_id = doc.new_object_id();
     let mut kids = Vec::new();
@@ -163,19 +152,7 @@ pub fn heavy_pdf(pages: usize, bytes_per_page: usize) -> Vec<u8> {
         });
         kids.push(page.into());
     }
-    let count = kids.len() as i64;
-    doc.objects.insert(
-        pages_id,
-        Object::Dictionary(dictionary! {
-            "Type" => "Pages", "Kids" => kids, "Count" => count,
-            "MediaBox" => vec![0.into(), 0.into(), 595.into(), 842.into()],
-        }),
-    );
-    let catalog = doc.add_object(dictionary! {"Type" => "Catalog", "Pages" => pages_id});
-    doc.trailer.set("Root", catalog);
-    let mut out = Vec::new();
-    doc.save_to(&mut out).unwrap();
-    out
+    finish_pdf(doc, pages_id, kids, (595, 842), lopdf::Dictionary::new())
 }
 
 /// A JPEG whose EXIF says "rotate 90° clockwise to display" (orientation 6), with a GPS-like
@@ -327,7 +304,7 @@ pub fn pixel_flood_png() -> Vec<u8> {
 /// 2550 × 3300) of paper with sparse dark specks, Flate-compressed, plus a line of text. Every
 /// page holds its own copy of the same compressed image.
 pub fn scan_pdf(pages: usize, width: u32, height: u32) -> Vec<u8> {
-    use lopdf::{Document, Object, Stream, dictionary};
+    use lopdf::{Document, Stream, dictionary};
     use std::io::Write;
     let mut pixels = vec![250u8; (width * height) as usize];
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -369,19 +346,7 @@ pub fn scan_pdf(pages: usize, width: u32, height: u32) -> Vec<u8> {
         });
         kids.push(page.into());
     }
-    let count = kids.len() as i64;
-    doc.objects.insert(
-        pages_id,
-        Object::Dictionary(dictionary! {
-            "Type" => "Pages", "Kids" => kids, "Count" => count,
-            "MediaBox" => vec![0.into(), 0.into(), 612.into(), 792.into()],
-        }),
-    );
-    let catalog = doc.add_object(dictionary! {"Type" => "Catalog", "Pages" => pages_id});
-    doc.trailer.set("Root", catalog);
-    let mut out = Vec::new();
-    doc.save_to(&mut out).unwrap();
-    out
+    finish_pdf(doc, pages_id, kids, (612, 792), lopdf::Dictionary::new())
 }
 
 /// A small, valid grey PNG whose zTXt (text) and iCCP (colour profile) chunks each inflate to
@@ -439,5 +404,29 @@ pub fn pdf_claiming_pages(claimed: u64) -> Vec<u8> {
     let mut out = pdf[..at].to_vec();
     out.extend_from_slice(claim.as_bytes());
     out.extend_from_slice(&pdf[at + honest.len()..]);
+    out
+}
+
+/// Ends a PDF made with lopdf: the page tree over `kids` (with `extra` entries, such as shared
+/// resources), the catalog, and the bytes.
+fn finish_pdf(
+    mut doc: lopdf::Document,
+    pages_id: lopdf::ObjectId,
+    kids: Vec<lopdf::Object>,
+    (width, height): (i64, i64),
+    extra: lopdf::Dictionary,
+) -> Vec<u8> {
+    use lopdf::{Object, dictionary};
+    let count = kids.len() as i64;
+    let mut pages = dictionary! {
+        "Type" => "Pages", "Kids" => kids, "Count" => count,
+        "MediaBox" => vec![0.into(), 0.into(), width.into(), height.into()],
+    };
+    pages.extend(&extra);
+    doc.objects.insert(pages_id, Object::Dictionary(pages));
+    let catalog = doc.add_object(dictionary! {"Type" => "Catalog", "Pages" => pages_id});
+    doc.trailer.set("Root", catalog);
+    let mut out = Vec::new();
+    doc.save_to(&mut out).expect("saving a PDF");
     out
 }
