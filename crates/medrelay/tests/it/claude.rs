@@ -505,6 +505,15 @@ async fn a_pdf_reaches_claude_without_scripts_actions_attachments_or_appended_by
             "the fixture carries {needle}"
         );
     }
+    // The file is also a ZIP archive: its end-of-central-directory record points at the
+    // directory, which points at the stored file (offsets from the start of the PDF).
+    let at = |offset: usize| u32::from_le_bytes(pdf[offset..offset + 4].try_into().unwrap());
+    let end = pdf.len() - 22;
+    assert_eq!(&pdf[end..end + 4], b"PK\x05\x06");
+    let directory = at(end + 16) as usize;
+    assert_eq!(&pdf[directory..directory + 4], b"PK\x01\x02");
+    let local = at(directory + 42) as usize;
+    assert_eq!(&pdf[local..local + 4], b"PK\x03\x04");
     let job = app.upload_ok(&token, pdf, "application/pdf").await;
     let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "succeeded", "{done}");

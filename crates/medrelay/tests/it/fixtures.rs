@@ -45,6 +45,21 @@ pub fn webp(w: u32, h: u32) -> Vec<u8> {
 
 /// A one-page PDF whose text is `lines`, built with lopdf (Helvetica, Flate-compressed).
 pub fn text_pdf(lines: &[&str]) -> Vec<u8> {
+    text_pdf_encoded(lines, ContentFilter::Flate)
+}
+
+/// How the page's content stream of [`text_pdf_encoded`] is encoded.
+#[derive(Clone, Copy, Debug)]
+pub enum ContentFilter {
+    Flate,
+    /// `/ASCIIHexDecode`: legal, rare, and not decoded by lopdf.
+    AsciiHex,
+    /// `/RunLengthDecode` (literal runs only): legal, rare, and not decoded by lopdf.
+    RunLength,
+}
+
+/// [`text_pdf`] with its content stream encoded by `filter`.
+pub fn text_pdf_encoded(lines: &[&str], filter: ContentFilter) -> Vec<u8> {
     use lopdf::content::{Content, Operation};
     use lopdf::{Document, Object, Stream, dictionary};
     let mut doc = Document::with_version("1.5");
@@ -66,10 +81,34 @@ pub fn text_pdf(lines: &[&str]) -> Vec<u8> {
         operations.push(Operation::new("T*", vec![]));
     }
     operations.push(Operation::new("ET", vec![]));
-    let content = Content { operations };
-    let mut stream = Stream::new(dictionary! {}, content.encode().unwrap());
-    stream.compress().expect("flate compression");
-    let content_id = doc.add_object(stream);
+    let content = Content { operations }.encode().unwrap();
+    let stream = match filter {
+        ContentFilter::Flate => {
+            let mut stream = Stream::new(dictionary! {}, content);
+            stream.compress().expect("flate compression");
+            stream
+        }
+        ContentFilter::AsciiHex => {
+            let mut hex: Vec<u8> = content
+                .iter()
+                .flat_map(|b| format!("{b:02X}").into_bytes())
+                .collect();
+            hex.push(b'>');
+            Stream::new(dictionary! {"Filter" => "ASCIIHexDecode"}, hex)
+        }
+        ContentFilter::RunLength => {
+            // Literal runs of 5 bytes, each after its length byte (n - 1), then EOD: read
+            // undecoded, the length bytes would break every word.
+            let mut runs = Vec::new();
+            for chunk in content.chunks(5) {
+                runs.push(chunk.len() as u8 - 1);
+                runs.extend_from_slice(chunk);
+            }
+            runs.push(128);
+            Stream::new(dictionary! {"Filter" => "RunLengthDecode"}, runs)
+        }
+    };
+    let content_id = doc.add_object(stream.with_compression(false));
     let page_id = doc.add_object(dictionary! {
         "Type" => "Page", "Parent" => pages_id, "Contents" => content_id,
     });
@@ -248,7 +287,8 @@ pub fn deeply_nested_pdf(depth: usize) -> Vec<u8> {
 /// A one-page PDF that carries everything active or attached, each part holding
 /// `{marker}-{part}`: a document-level script (`/OpenAction`, the `JavaScript` name tree), a
 /// page action (`/AA`), a link that launches a program, an attached file, an XFA form, and a
-/// ZIP appended after `%%EOF`. Its page shows `page_text`. Read as data: nothing in it runs.
+/// ZIP archive appended after `%%EOF` (the whole file is also a valid ZIP: a polyglot). Its
+/// page shows `page_text`. Read as data: nothing in it runs.
 pub fn active_pdf_with_appended_zip(page_text: &str, marker: &str) -> Vec<u8> {
     let content = stream(
         "",
@@ -281,10 +321,43 @@ pub fn active_pdf_with_appended_zip(page_text: &str, marker: &str) -> Vec<u8> {
          /EmbeddedFiles << /Names [(notes.txt) 8 0 R] >> >> /AcroForm << /Fields [] /XFA 9 0 R >> ",
         "/Resources << /Font << /F1 6 0 R >> >> /AA << /O 5 0 R >> /Annots [10 0 R] ",
     );
-    let mut zip = b"PK\x03\x04\x14\0\0\0\0\0".to_vec();
-    zip.extend_from_slice(format!("{marker}-ZIP").as_bytes());
+    let zip = stored_zip(pdf.len(), "notes.txt", format!("{marker}-ZIP").as_bytes());
     pdf.extend_from_slice(&zip);
     pdf
+}
+
+/// A complete ZIP archive holding one stored (uncompressed) file, to be placed `at` bytes into
+/// a file: its offsets count from the start of that file, so that the whole file is both a PDF
+/// and a valid ZIP (a polyglot).
+fn stored_zip(at: usize, name: &str, data: &[u8]) -> Vec<u8> {
+    let mut crc = flate2::Crc::new();
+    crc.update(data);
+    let (crc, size, name_len) = (crc.sum(), data.len() as u32, name.len() as u16);
+    // Version, flags, method 0 (stored), time, date, CRC, sizes, name length, extra length.
+    let mut fields = Vec::new();
+    fields.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0x21, 0]);
+    fields.extend_from_slice(&crc.to_le_bytes());
+    fields.extend_from_slice(&size.to_le_bytes());
+    fields.extend_from_slice(&size.to_le_bytes());
+    fields.extend_from_slice(&name_len.to_le_bytes());
+    fields.extend_from_slice(&0u16.to_le_bytes());
+    let mut zip = b"PK\x03\x04".to_vec();
+    zip.extend_from_slice(&fields);
+    zip.extend_from_slice(name.as_bytes());
+    zip.extend_from_slice(data);
+    let directory_at = at + zip.len();
+    let mut directory = b"PK\x01\x02\x14\x00".to_vec();
+    directory.extend_from_slice(&fields);
+    // Comment length, disk, internal and external attributes, local header offset.
+    directory.extend_from_slice(&[0; 10]);
+    directory.extend_from_slice(&(at as u32).to_le_bytes());
+    directory.extend_from_slice(name.as_bytes());
+    zip.extend_from_slice(&directory);
+    zip.extend_from_slice(b"PK\x05\x06\0\0\0\0\x01\0\x01\0");
+    zip.extend_from_slice(&(directory.len() as u32).to_le_bytes());
+    zip.extend_from_slice(&(directory_at as u32).to_le_bytes());
+    zip.extend_from_slice(&0u16.to_le_bytes());
+    zip
 }
 
 /// A PNG whose (valid) header declares 65535 x 65535 pixels, with no pixel data at all.
@@ -351,18 +424,72 @@ pub fn scan_pdf(pages: usize, width: u32, height: u32) -> Vec<u8> {
 
 /// A small, valid grey PNG whose zTXt (text) and iCCP (colour profile) chunks each inflate to
 /// 2 GiB of zeros: a bomb in the metadata, not the pixels.
+/// One PNG chunk: length, type, data, CRC.
+fn png_chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut out = (data.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(kind);
+    out.extend_from_slice(data);
+    let mut crc = flate2::Crc::new();
+    crc.update(kind);
+    crc.update(data);
+    out.extend_from_slice(&crc.sum().to_be_bytes());
+    out
+}
+
+/// The zlib data of a `w` x `h` grey PNG image of one shade (filter byte 0 on every row).
+fn png_grey_idat(w: u32, h: u32, shade: u8) -> Vec<u8> {
+    use std::io::Write;
+    let raw: Vec<u8> = (0..h)
+        .flat_map(|_| std::iter::once(0).chain(std::iter::repeat_n(shade, w as usize)))
+        .collect();
+    let mut idat = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    idat.write_all(&raw).unwrap();
+    idat.finish().unwrap()
+}
+
+fn png_grey_header(w: u32, h: u32) -> Vec<u8> {
+    let mut header = w.to_be_bytes().to_vec();
+    header.extend_from_slice(&h.to_be_bytes());
+    header.extend_from_slice(&[8, 0, 0, 0, 0]);
+    header
+}
+
+/// An animated PNG of `frames` frames of 64 x 64 pixels (acTL, then fcTL + IDAT for the
+/// first frame and fcTL + fdAT for each other one). A viewer that shows a still shows the
+/// first frame.
+pub fn apng(frames: u32) -> Vec<u8> {
+    let (w, h) = (64u32, 64u32);
+    let frame_control = |sequence: u32| {
+        let mut fc = sequence.to_be_bytes().to_vec();
+        for v in [w, h, 0, 0] {
+            fc.extend_from_slice(&v.to_be_bytes());
+        }
+        // Delay 1/100 s, dispose none, blend source.
+        fc.extend_from_slice(&[0, 1, 0, 100, 0, 0]);
+        fc
+    };
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(png_chunk(b"IHDR", &png_grey_header(w, h)));
+    let mut actl = frames.to_be_bytes().to_vec();
+    actl.extend_from_slice(&0u32.to_be_bytes());
+    png.extend(png_chunk(b"acTL", &actl));
+    let mut sequence = 0;
+    png.extend(png_chunk(b"fcTL", &frame_control(sequence)));
+    png.extend(png_chunk(b"IDAT", &png_grey_idat(w, h, 128)));
+    for frame in 1..frames {
+        sequence += 1;
+        png.extend(png_chunk(b"fcTL", &frame_control(sequence)));
+        sequence += 1;
+        let mut fdat = sequence.to_be_bytes().to_vec();
+        fdat.extend(png_grey_idat(w, h, (frame % 256) as u8));
+        png.extend(png_chunk(b"fdAT", &fdat));
+    }
+    png.extend(png_chunk(b"IEND", b""));
+    png
+}
+
 pub fn png_with_chunk_bombs() -> Vec<u8> {
     use std::io::Write;
-    fn chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
-        let mut out = (data.len() as u32).to_be_bytes().to_vec();
-        out.extend_from_slice(kind);
-        out.extend_from_slice(data);
-        let mut crc = flate2::Crc::new();
-        crc.update(kind);
-        crc.update(data);
-        out.extend_from_slice(&crc.sum().to_be_bytes());
-        out
-    }
     let mut bomb = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
     let zeros = vec![0u8; 1 << 20];
     for _ in 0..2048 {
@@ -370,20 +497,15 @@ pub fn png_with_chunk_bombs() -> Vec<u8> {
     }
     let bomb = bomb.finish().unwrap();
     let (w, h) = (16u32, 16u32);
-    let mut header = w.to_be_bytes().to_vec();
-    header.extend_from_slice(&h.to_be_bytes());
-    header.extend_from_slice(&[8, 0, 0, 0, 0]);
-    let raw: Vec<u8> = (0..h)
-        .flat_map(|_| std::iter::once(0).chain(std::iter::repeat_n(128, w as usize)))
-        .collect();
-    let mut idat = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-    idat.write_all(&raw).unwrap();
     let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    png.extend(chunk(b"IHDR", &header));
-    png.extend(chunk(b"zTXt", &[b"Comment\0\0".as_slice(), &bomb].concat()));
-    png.extend(chunk(b"iCCP", &[b"icc\0\0".as_slice(), &bomb].concat()));
-    png.extend(chunk(b"IDAT", &idat.finish().unwrap()));
-    png.extend(chunk(b"IEND", b""));
+    png.extend(png_chunk(b"IHDR", &png_grey_header(w, h)));
+    png.extend(png_chunk(
+        b"zTXt",
+        &[b"Comment\0\0".as_slice(), &bomb].concat(),
+    ));
+    png.extend(png_chunk(b"iCCP", &[b"icc\0\0".as_slice(), &bomb].concat()));
+    png.extend(png_chunk(b"IDAT", &png_grey_idat(w, h, 128)));
+    png.extend(png_chunk(b"IEND", b""));
     png
 }
 
@@ -429,4 +551,154 @@ fn finish_pdf(
     let mut out = Vec::new();
     doc.save_to(&mut out).expect("saving a PDF");
     out
+}
+
+/// Damage that PDFs suffer in the field and that viewers repair: what a mail gateway, a broken
+/// download or a careless tool does to the cross-reference section, stream lengths and
+/// linearization data. Each keeps every object intact.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Damage {
+    /// A line inserted after the header: every offset in the xref is off.
+    ShiftedOffsets,
+    /// Mail headers before `%PDF-`.
+    JunkBeforeHeader,
+    /// `startxref` points past the end of the file.
+    StartxrefNowhere,
+    /// The (last) classic xref table is gone; the trailer stays.
+    XrefTableRemoved,
+    /// Every offset of the (last) classic xref table reads 0.
+    XrefOffsetsZeroed,
+    /// Every direct stream `/Length` is wrong (same width, so offsets stay right).
+    StreamLengthsWrong,
+    /// A linearized file whose linearization dictionary and first-page xref are garbage.
+    LinearizationDamaged,
+}
+
+impl Damage {
+    pub const ALL: [Damage; 7] = [
+        Damage::ShiftedOffsets,
+        Damage::JunkBeforeHeader,
+        Damage::StartxrefNowhere,
+        Damage::XrefTableRemoved,
+        Damage::XrefOffsetsZeroed,
+        Damage::StreamLengthsWrong,
+        Damage::LinearizationDamaged,
+    ];
+
+    /// `bytes` with this damage, or `None` where the file has nothing it applies to (an
+    /// xref stream instead of a table, no linearization).
+    pub fn apply(self, bytes: &[u8]) -> Option<Vec<u8>> {
+        match self {
+            Damage::ShiftedOffsets => {
+                let header_end = find(bytes, b"\n")? + 1;
+                let mut out = bytes[..header_end].to_vec();
+                out.extend_from_slice(
+                    b"% inserted by a mail gateway that rewrote the attachment\n",
+                );
+                out.extend_from_slice(&bytes[header_end..]);
+                Some(out)
+            }
+            Damage::JunkBeforeHeader => {
+                let mut out =
+                    b"From: scanner@clinic.example\r\nContent-Type: application/pdf\r\n\r\n"
+                        .to_vec();
+                out.extend_from_slice(bytes);
+                Some(out)
+            }
+            Damage::StartxrefNowhere => {
+                let at = rfind(bytes, b"startxref")?;
+                let mut out = bytes[..at].to_vec();
+                out.extend_from_slice(b"startxref\n987654321\n%%EOF\n");
+                Some(out)
+            }
+            Damage::XrefTableRemoved => {
+                let (start, end) = last_xref_table(bytes)?;
+                let mut out = bytes[..start].to_vec();
+                out.extend_from_slice(&bytes[end..]);
+                Some(out)
+            }
+            Damage::XrefOffsetsZeroed => {
+                let (start, end) = last_xref_table(bytes)?;
+                let mut out = bytes.to_vec();
+                zero_entries(&mut out[start..end]);
+                Some(out)
+            }
+            Damage::StreamLengthsWrong => {
+                let mut out = bytes.to_vec();
+                let mut changed = false;
+                let mut at = 0;
+                while let Some(found) = find(&out[at..], b"/Length ") {
+                    let digits = at + found + b"/Length ".len();
+                    let end = digits
+                        + out[digits..]
+                            .iter()
+                            .take_while(|b| b.is_ascii_digit())
+                            .count();
+                    // Only a direct length (`/Length 12 0 R` is a reference).
+                    let direct = end > digits && !out[end..].starts_with(b" 0 R");
+                    if direct {
+                        for d in &mut out[digits..end] {
+                            *d = if *d == b'1' { b'2' } else { b'1' };
+                        }
+                        changed = true;
+                    }
+                    at = end;
+                }
+                changed.then_some(out)
+            }
+            Damage::LinearizationDamaged => {
+                let lin = find(bytes, b"/Linearized")?;
+                let dict_end = lin + find(&bytes[lin..], b">>")?;
+                let mut out = bytes.to_vec();
+                for d in &mut out[lin + b"/Linearized".len()..dict_end] {
+                    if d.is_ascii_digit() {
+                        *d = b'7';
+                    }
+                }
+                // The first-page xref table follows the linearization dictionary.
+                let start = dict_end + find(&bytes[dict_end..], b"xref")?;
+                let end = start + find(&bytes[start..], b"trailer")?;
+                zero_entries(&mut out[start..end]);
+                Some(out)
+            }
+        }
+    }
+}
+
+/// The byte range of the last classic xref table, from `xref` up to `trailer`.
+fn last_xref_table(bytes: &[u8]) -> Option<(usize, usize)> {
+    let trailer = rfind(bytes, b"trailer")?;
+    let start = rfind(&bytes[..trailer], b"xref")?;
+    // `startxref` also contains `xref`.
+    if bytes[..start].ends_with(b"start") {
+        return None;
+    }
+    Some((start, trailer))
+}
+
+/// Overwrites the 10-digit offset of every `nnnnnnnnnn ggggg n` entry with zeros.
+fn zero_entries(table: &mut [u8]) {
+    let mut i = 0;
+    while i + 18 <= table.len() {
+        let entry = &table[i..i + 18];
+        if entry[..10].iter().all(u8::is_ascii_digit)
+            && entry[10] == b' '
+            && entry[11..16].iter().all(u8::is_ascii_digit)
+            && entry[16] == b' '
+            && entry[17] == b'n'
+        {
+            table[i..i + 10].fill(b'0');
+            i += 18;
+        } else {
+            i += 1;
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn rfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).rposition(|w| w == needle)
 }

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::claude_mock::{Mock, Reply, extraction};
 use crate::fixtures::{
-    active_pdf_with_appended_zip, corpus_file, deeply_nested_pdf, flate_bomb_pdf,
+    active_pdf_with_appended_zip, apng, corpus_file, deeply_nested_pdf, flate_bomb_pdf,
     pdf_claiming_pages, pixel_flood_png, png, png_with_chunk_bombs, text_pdf,
 };
 use crate::harness::{Backend, drop_postgres, fresh_bucket, fresh_postgres};
@@ -37,6 +37,7 @@ async fn upload(server: &Server, token: &str, bytes: Vec<u8>) -> Value {
 /// Bombs take seconds to make: made once for the whole matrix.
 static FLATE_BOMB: OnceLock<Vec<u8>> = OnceLock::new();
 static CHUNK_BOMBS: OnceLock<Vec<u8>> = OnceLock::new();
+static APNG: OnceLock<Vec<u8>> = OnceLock::new();
 
 fn cached(cell: &OnceLock<Vec<u8>>, make: impl FnOnce() -> Vec<u8>) -> Vec<u8> {
     cell.get_or_init(make).clone()
@@ -48,6 +49,8 @@ enum Expect {
     Fails(&'static str),
     Succeeds,
     SucceedsWithPages(u64),
+    /// A photo: no text, in one attempt.
+    SucceedsAsPhoto,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -173,6 +176,11 @@ async fn hostile_documents_end_alone(processor: Processor, backend: Backend) {
             Expect::SucceedsWithPages(1),
         ),
         (
+            "an animated PNG of 5,000 frames (read as a still: its first frame)",
+            cached(&APNG, || apng(5_000)),
+            Expect::SucceedsAsPhoto,
+        ),
+        (
             "a truncated PNG",
             truncated,
             Expect::Fails("document-unreadable"),
@@ -183,7 +191,7 @@ async fn hostile_documents_end_alone(processor: Processor, backend: Backend) {
             Expect::Fails("document-encrypted"),
         ),
         (
-            "a PDF with JavaScript, actions and a ZIP appended",
+            "a PDF+ZIP polyglot with JavaScript, actions, an attachment and an XFA form",
             active_pdf_with_appended_zip("Blood count normal", "CANARY-5512"),
             Expect::Succeeds,
         ),
@@ -221,6 +229,10 @@ async fn hostile_documents_end_alone(processor: Processor, backend: Backend) {
             Expect::SucceedsWithPages(pages) => {
                 assert_eq!(done["status"], "succeeded", "{what}: {done}");
                 assert_eq!(done["result"]["document"]["page_count"], pages, "{what}");
+            }
+            Expect::SucceedsAsPhoto => {
+                assert_eq!(done["status"], "succeeded", "{what}: {done}");
+                assert_eq!(done["attempts"], 1, "{what}: {done}");
             }
         }
         // Other patients' jobs are untouched: one attempt each, and they succeed.

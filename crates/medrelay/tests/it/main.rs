@@ -26,4 +26,5 @@ mod operations;
 mod polling;
 mod purge;
 mod queue;
+mod tolerant;
 mod upload;

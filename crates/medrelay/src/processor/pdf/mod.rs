@@ -1,8 +1,11 @@
-//! Opening a PDF within limits, in the sandbox child: the parse itself (lopdf, panics
-//! contained), then the document's size checked against [`ParseLimits`] before any work:
-//! pages, objects, nesting depth, and the bytes its streams inflate to. Image streams are never
-//! inflated (reading text, counting pages and re-serialising copy them as they are), so a large
-//! scan passes where a bomb of the same size does not.
+//! Opening a PDF within limits, in the sandbox child: the parse itself (lopdf first, the
+//! tolerant reader when lopdf refuses the file; panics contained), then the document's size
+//! checked against [`ParseLimits`] before any work: pages, objects, nesting depth, and the
+//! bytes its streams inflate to. Image streams are never inflated (reading text, counting pages
+//! and re-serialising copy them as they are), so a large scan passes where a bomb of the same
+//! size does not.
+
+mod tolerant;
 
 use std::io::Read;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -13,6 +16,44 @@ use super::{ParseLimits, Refusal};
 
 /// Parses `bytes` and checks it against `limits`.
 pub fn open(bytes: &[u8], limits: &ParseLimits) -> Result<Document, Refusal> {
+    let tolerant =
+        || catch_unwind(|| tolerant::read(bytes, limits)).unwrap_or(Err(Refusal::Unreadable));
+    let cap = limits.pdf_max_inflated_bytes;
+    let (doc, streams) = match strict(bytes) {
+        Ok(doc) => {
+            let streams = inflated(&doc, cap);
+            let partly = read_partly(&doc);
+            if partly || streams.damaged > 0 {
+                // lopdf dropped objects or read streams wrongly (a /Length that lied, say):
+                // the tolerant reader finds where each stream really ends. Unless it does
+                // better, lopdf's reading stands.
+                match tolerant().map(|t| {
+                    let s = inflated(&t, cap);
+                    (t, s)
+                }) {
+                    Ok((t, s)) if partly || s.damaged < streams.damaged => (t, s),
+                    _ => (doc, streams),
+                }
+            } else {
+                (doc, streams)
+            }
+        }
+        Err(Refusal::Unreadable) => {
+            let doc = tolerant()?;
+            let streams = inflated(&doc, cap);
+            (doc, streams)
+        }
+        Err(refusal) => return Err(refusal),
+    };
+    if streams.bytes > cap {
+        return Err(Refusal::TooComplex);
+    }
+    checked(doc, limits)
+}
+
+/// lopdf's reading: fast and exact on well-formed files; `Unreadable` for anything it cannot
+/// read whole (its page tree included), or whose streams it could not decode.
+fn strict(bytes: &[u8]) -> Result<Document, Refusal> {
     let doc = match catch_unwind(|| Document::load_mem(bytes)) {
         Ok(Ok(doc)) => doc,
         Ok(Err(lopdf::Error::Decryption(_) | lopdf::Error::InvalidPassword)) => {
@@ -25,6 +66,32 @@ pub fn open(bytes: &[u8], limits: &ParseLimits) -> Result<Document, Refusal> {
     if doc.is_encrypted() {
         return Err(Refusal::Encrypted);
     }
+    let pages = catch_unwind(AssertUnwindSafe(|| doc.get_pages().len())).unwrap_or(0);
+    if pages == 0 || tolerant::needs_decoding(&doc) {
+        return Err(Refusal::Unreadable);
+    }
+    Ok(doc)
+}
+
+/// Whether lopdf skipped what it could not parse: an object the xref lists is missing, or a
+/// stream was read as a bare dictionary (it still carries the stream's /Length).
+fn read_partly(doc: &Document) -> bool {
+    use lopdf::xref::XrefEntry;
+    let present: std::collections::HashSet<u32> = doc.objects.keys().map(|(n, _)| *n).collect();
+    let missing = doc.reference_table.entries.iter().any(|(number, entry)| {
+        matches!(
+            entry,
+            XrefEntry::Normal { .. } | XrefEntry::Compressed { .. }
+        ) && !present.contains(number)
+    });
+    missing
+        || doc
+            .objects
+            .values()
+            .any(|o| matches!(o, Object::Dictionary(d) if d.has(b"Length")))
+}
+
+fn checked(doc: Document, limits: &ParseLimits) -> Result<Document, Refusal> {
     if doc.objects.len() as u64 > limits.pdf_max_objects {
         return Err(Refusal::TooComplex);
     }
@@ -41,9 +108,6 @@ pub fn open(bytes: &[u8], limits: &ParseLimits) -> Result<Document, Refusal> {
         .values()
         .any(|o| depth(o, limits.pdf_max_depth) > limits.pdf_max_depth)
     {
-        return Err(Refusal::TooComplex);
-    }
-    if inflated(&doc, limits.pdf_max_inflated_bytes) > limits.pdf_max_inflated_bytes {
         return Err(Refusal::TooComplex);
     }
     Ok(doc)
@@ -68,11 +132,21 @@ fn depth(object: &Object, max: u32) -> u32 {
     deepest
 }
 
-/// The bytes the document's non-image streams inflate to, counted up to just past `cap`
-/// (inflated into a sink, never held). Only Flate is measured: it is the filter that
-/// amplifies; the others are bounded by their input.
-fn inflated(doc: &Document, cap: u64) -> u64 {
-    let mut total = 0u64;
+/// What the document's non-image streams inflate to.
+struct Inflated {
+    /// Bytes, counted up to just past the cap (inflated into a sink, never held).
+    bytes: u64,
+    /// Streams that failed to inflate: damaged, or read wrongly.
+    damaged: usize,
+}
+
+/// Measures the non-image Flate streams up to just past `cap`. Only Flate is measured: it is
+/// the filter that amplifies; the others are bounded by their input.
+fn inflated(doc: &Document, cap: u64) -> Inflated {
+    let mut measured = Inflated {
+        bytes: 0,
+        damaged: 0,
+    };
     for object in doc.objects.values() {
         let Object::Stream(stream) = object else {
             continue;
@@ -86,19 +160,37 @@ fn inflated(doc: &Document, cap: u64) -> u64 {
             .filters()
             .is_ok_and(|f| f.first().is_some_and(|f| *f == b"FlateDecode"));
         if is_image || !flate {
-            total += stream.content.len() as u64;
+            measured.bytes += stream.content.len() as u64;
         } else {
-            let remaining = cap.saturating_sub(total) + 1;
+            let remaining = cap.saturating_sub(measured.bytes) + 1;
             let mut decoder =
                 flate2::read::ZlibDecoder::new(stream.content.as_slice()).take(remaining);
+            let mut sink = Counter(0);
             // A damaged stream counts what it inflated before the damage.
-            total += std::io::copy(&mut decoder, &mut std::io::sink()).unwrap_or(remaining);
+            if std::io::copy(&mut decoder, &mut sink).is_err() {
+                measured.damaged += 1;
+            }
+            measured.bytes += sink.0;
         }
-        if total > cap {
+        if measured.bytes > cap {
             break;
         }
     }
-    total
+    measured
+}
+
+/// A sink that counts what it is given.
+struct Counter(u64);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
