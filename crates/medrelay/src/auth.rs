@@ -1,5 +1,13 @@
-//! Bearer-token authentication: HS256 with a configured or generated secret, and RS256/ES256
-//! against a JWKS document of an identity provider. The user is the `sub` claim.
+//! Bearer-token authentication: HS256 with a configured or generated secret, and RS256, ES256
+//! or EdDSA against a JWKS document of an identity provider, which then must name the issuer
+//! and audience to check. The user is the `sub` claim. `exp` is required; `nbf` and `iat` are
+//! checked (30 s of leeway); each algorithm takes only its own kind of key, so `alg: none` and
+//! HS/RS confusion fail.
+//!
+//! The JWKS document is cached as its `Cache-Control: max-age` says (between 1 minute and 1
+//! day; 5 minutes without one) and refetched early on an unknown `kid` at most every 30 s: a
+//! provider's key rotation works without a restart, and random `kid`s cannot cause a fetch
+//! flood. A failed refetch keeps the keys already known.
 //!
 //! Never logs a token. Every failure is the same 401 to the client.
 
@@ -49,13 +57,24 @@ struct Inner {
 struct Jwks {
     source: String,
     http: reqwest::Client,
-    cache: RwLock<(JwkSet, Option<Instant>)>,
+    cache: RwLock<Cached>,
+}
+
+struct Cached {
+    keys: JwkSet,
+    /// When the document was last fetched (successfully or not), and until when it is fresh.
+    fetched: Option<Instant>,
+    fresh_until: Option<Instant>,
 }
 
 /// An unknown `kid` refreshes the JWKS at most this often, so forged kids cannot hammer the IdP.
 const JWKS_REFRESH_MIN: Duration = Duration::from_secs(30);
-/// Clock skew tolerated on `exp` and `nbf`.
+/// Clock skew tolerated on `exp`, `nbf` and `iat`.
 const LEEWAY_SECS: u64 = 30;
+/// How long a JWKS document stays fresh: its `max-age`, within these bounds.
+const JWKS_MAX_AGE_DEFAULT: Duration = Duration::from_secs(300);
+const JWKS_MAX_AGE_MIN: Duration = Duration::from_secs(60);
+const JWKS_MAX_AGE_MAX: Duration = Duration::from_secs(86_400);
 
 /// The HS256 secret: configured, from its file, or generated into the data dir.
 pub fn hs256_secret(settings: &Settings) -> anyhow::Result<Option<KeyBytes>> {
@@ -91,7 +110,11 @@ impl Authenticator {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .expect("a plain HTTP client builds"),
-            cache: RwLock::new((JwkSet { keys: vec![] }, None)),
+            cache: RwLock::new(Cached {
+                keys: JwkSet { keys: vec![] },
+                fetched: None,
+                fresh_until: None,
+            }),
         });
         Ok(Self {
             inner: Arc::new(Inner {
@@ -133,7 +156,7 @@ impl Authenticator {
                 .ok_or(ApiError::Unauthorized)?
                 .0
                 .clone(),
-            Algorithm::RS256 | Algorithm::ES256 => {
+            Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA => {
                 let jwks = self.inner.jwks.as_ref().ok_or(ApiError::Unauthorized)?;
                 jwks.key_for(header.kid.as_deref(), header.alg).await?
             }
@@ -141,6 +164,7 @@ impl Authenticator {
         };
         let mut validation = Validation::new(header.alg);
         validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         match &self.inner.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
@@ -156,6 +180,14 @@ impl Authenticator {
         if sub.is_empty() || sub.len() > 256 {
             return Err(ApiError::Unauthorized);
         }
+        // A token issued in the future comes from a broken or hostile issuer.
+        if data
+            .claims
+            .iat
+            .is_some_and(|iat| iat > crate::clock::now_secs() + LEEWAY_SECS)
+        {
+            return Err(ApiError::Unauthorized);
+        }
         Ok(User {
             id: UserId::from_raw(sub),
         })
@@ -164,28 +196,55 @@ impl Authenticator {
 
 impl Jwks {
     async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<DecodingKey, ApiError> {
-        if let Some(key) = self.lookup(kid, alg).await {
-            return Ok(key);
-        }
-        let stale = {
+        let (known, expired, may_refetch) = {
             let cache = self.cache.read().await;
-            cache.1.is_none_or(|at| at.elapsed() >= JWKS_REFRESH_MIN)
+            let now = Instant::now();
+            (
+                cache.fetched.is_some(),
+                cache.fresh_until.is_none_or(|until| now >= until),
+                cache
+                    .fetched
+                    .is_none_or(|at| now.duration_since(at) >= JWKS_REFRESH_MIN),
+            )
         };
-        if stale {
-            match self.fetch().await {
-                Ok(set) => *self.cache.write().await = (set, Some(Instant::now())),
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "could not load the JWKS document");
-                    return Err(ApiError::unavailable(e));
-                }
-            }
+        if expired && may_refetch {
+            self.refresh(known).await?;
+        } else if let Some(key) = self.lookup(kid, alg).await {
+            return Ok(key);
+        } else if may_refetch {
+            // An unknown kid: the provider may have rotated its keys.
+            self.refresh(known).await?;
         }
         self.lookup(kid, alg).await.ok_or(ApiError::Unauthorized)
     }
 
+    /// Refetches the document. On failure the keys already known stay in use (`known`); with
+    /// none known yet, the request cannot be checked: 503.
+    async fn refresh(&self, known: bool) -> Result<(), ApiError> {
+        let fetched = self.fetch().await;
+        let mut cache = self.cache.write().await;
+        let now = Instant::now();
+        cache.fetched = Some(now);
+        match fetched {
+            Ok((keys, max_age)) => {
+                cache.keys = keys;
+                cache.fresh_until = Some(now + max_age);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not load the JWKS document");
+                if known {
+                    Ok(())
+                } else {
+                    Err(ApiError::unavailable(e))
+                }
+            }
+        }
+    }
+
     async fn lookup(&self, kid: Option<&str>, alg: Algorithm) -> Option<DecodingKey> {
         let cache = self.cache.read().await;
-        let set = &cache.0;
+        let set = &cache.keys;
         let jwk = match kid {
             Some(kid) => set.find(kid)?,
             None if set.keys.len() == 1 => &set.keys[0],
@@ -200,26 +259,51 @@ impl Jwks {
         DecodingKey::from_jwk(jwk).ok()
     }
 
-    async fn fetch(&self) -> anyhow::Result<JwkSet> {
-        let text = if self.source.starts_with("http://") || self.source.starts_with("https://") {
-            self.http
-                .get(&self.source)
-                .send()
-                .await
-                .context("fetching the JWKS document")?
-                .error_for_status()
-                .context("fetching the JWKS document")?
-                .text()
-                .await
-                .context("reading the JWKS document")?
-        } else {
-            let path = self.source.strip_prefix("file://").unwrap_or(&self.source);
-            tokio::fs::read_to_string(path)
-                .await
-                .with_context(|| format!("reading the JWKS file {path}"))?
-        };
-        serde_json::from_str(&text).context("parsing the JWKS document")
+    /// The document and how long it stays fresh.
+    async fn fetch(&self) -> anyhow::Result<(JwkSet, Duration)> {
+        let (text, max_age) =
+            if self.source.starts_with("http://") || self.source.starts_with("https://") {
+                let response = self
+                    .http
+                    .get(&self.source)
+                    .send()
+                    .await
+                    .context("fetching the JWKS document")?
+                    .error_for_status()
+                    .context("fetching the JWKS document")?;
+                let max_age = response
+                    .headers()
+                    .get(reqwest::header::CACHE_CONTROL)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(max_age);
+                let text = response.text().await.context("reading the JWKS document")?;
+                (text, max_age)
+            } else {
+                let path = self.source.strip_prefix("file://").unwrap_or(&self.source);
+                let text = tokio::fs::read_to_string(path)
+                    .await
+                    .with_context(|| format!("reading the JWKS file {path}"))?;
+                (text, None)
+            };
+        let max_age = max_age
+            .unwrap_or(JWKS_MAX_AGE_DEFAULT)
+            .clamp(JWKS_MAX_AGE_MIN, JWKS_MAX_AGE_MAX);
+        let keys = serde_json::from_str(&text).context("parsing the JWKS document")?;
+        Ok((keys, max_age))
     }
+}
+
+/// The `max-age` of a `Cache-Control` value (`no-cache`/`no-store` count as 0: the lower
+/// bound applies).
+fn max_age(cache_control: &str) -> Option<Duration> {
+    cache_control.split(',').find_map(|directive| {
+        let directive = directive.trim().to_ascii_lowercase();
+        if directive == "no-cache" || directive == "no-store" {
+            return Some(Duration::ZERO);
+        }
+        let seconds = directive.strip_prefix("max-age=")?.trim_matches('"');
+        seconds.parse::<u64>().ok().map(Duration::from_secs)
+    })
 }
 
 impl<S> FromRequestParts<S> for User
@@ -242,5 +326,22 @@ where
             .or_else(|| header.strip_prefix("bearer "))
             .ok_or(ApiError::Unauthorized)?;
         auth.verify(token.trim()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_max_age_of_a_cache_control_header() {
+        assert_eq!(
+            max_age("public, max-age=3600"),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(max_age("max-age=\"60\""), Some(Duration::from_secs(60)));
+        assert_eq!(max_age("no-store"), Some(Duration::ZERO));
+        assert_eq!(max_age("public"), None);
+        assert_eq!(max_age("max-age=soon"), None);
     }
 }

@@ -235,7 +235,7 @@ pub struct Settings {
     pub jwt_secret: Option<Secret>,
     #[serde(default)]
     pub jwt_secret_file: Option<PathBuf>,
-    /// A JWKS document (http(s) URL or file path) for RS256/ES256 tokens of an identity provider.
+    /// A JWKS document (http(s) URL or file path) for RS256/ES256/EdDSA tokens of an identity provider.
     #[serde(default, deserialize_with = "loose_opt_string")]
     pub jwks_url: Option<String>,
     #[serde(default, deserialize_with = "loose_opt_string")]
@@ -411,6 +411,14 @@ impl Settings {
 
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.workers >= 1, "MEDRELAY_WORKERS must be at least 1");
+        if self.jwks_url.is_some() {
+            // Without both, a token the same provider issued to another app would be accepted.
+            anyhow::ensure!(
+                self.jwt_issuer.is_some() && self.jwt_audience.is_some(),
+                "MEDRELAY_JWKS_URL needs MEDRELAY_JWT_ISSUER and MEDRELAY_JWT_AUDIENCE: without \
+                 them, tokens the identity provider issued to other apps would be accepted"
+            );
+        }
         anyhow::ensure!(
             self.sandbox_memory >= 64 * 1024 * 1024,
             "MEDRELAY_SANDBOX_MEMORY must be at least 64 MiB"

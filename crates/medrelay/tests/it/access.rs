@@ -1,6 +1,7 @@
 //! Who may see what: every `/v1` route needs a valid bearer token (HS256 with the configured
-//! or generated secret, or RS256/ES256 of an identity provider checked against its JWKS with
-//! issuer and audience pinned), and a job of another user is a 404 on every route.
+//! or generated secret, or RS256/ES256/EdDSA of an identity provider checked against its JWKS,
+//! followed through key rotations, with issuer and audience pinned and every time claim
+//! checked), and a job of another user is a 404 on every route.
 
 use std::time::Duration;
 
@@ -313,5 +314,179 @@ async fn another_users_job_is_a_404_on_every_route(backend: Backend) {
     );
     let r = app.get_job(&alice, id).await;
     assert_eq!(r.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+/// An Ed25519 key pair: the signing key and its public JWK.
+fn ed25519_key(kid: &str) -> (EncodingKey, Value) {
+    use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new()).unwrap();
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let jwk = json!({
+        "kty": "OKP", "crv": "Ed25519", "kid": kid, "alg": "EdDSA", "use": "sig",
+        "x": URL_SAFE_NO_PAD.encode(pair.public_key().as_ref()),
+    });
+    (EncodingKey::from_ed_der(pkcs8.as_ref()), jwk)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotation_is_followed_without_a_restart_and_claims_are_strict() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (old_key, old_jwk) = es256_key("2026-old");
+    let (new_key, new_jwk) = es256_key("2026-new");
+    let (ed_key, ed_jwk) = ed25519_key("ed-1");
+    let (_, rs_jwk) = rs256_key();
+    // The provider's JWKS endpoint, over real HTTP, whose document the test can change.
+    let document = Arc::new(parking_lot::Mutex::new(
+        json!({"keys": [old_jwk, ed_jwk.clone(), rs_jwk.clone()]}),
+    ));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/.well-known/jwks.json",
+        listener.local_addr().unwrap()
+    );
+    let router = axum::Router::new().route(
+        "/.well-known/jwks.json",
+        axum::routing::get({
+            let (document, fetches) = (document.clone(), fetches.clone());
+            move || {
+                fetches.fetch_add(1, Ordering::SeqCst);
+                let body = document.lock().clone();
+                async move {
+                    (
+                        [("cache-control", "public, max-age=3600")],
+                        axum::Json(body),
+                    )
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let app = TestApp::spawn_with(Backend::SqliteFolder, |s| {
+        s.jwks_url = Some(url.clone());
+        s.jwt_issuer = Some(ISSUER.into());
+        s.jwt_audience = Some(AUDIENCE.into());
+    })
+    .await;
+
+    let old = sign(Algorithm::ES256, "2026-old", &old_key, claims("patient-7"));
+    let ed = sign(Algorithm::EdDSA, "ed-1", &ed_key, claims("patient-7"));
+    assert_eq!(status_with(&app, &old).await, StatusCode::OK);
+    assert_eq!(status_with(&app, &ed).await, StatusCode::OK, "EdDSA");
+    assert_eq!(fetches.load(Ordering::SeqCst), 1, "cached per max-age");
+
+    // The provider rotates: the old key is gone, a new one signs.
+    *document.lock() = json!({"keys": [new_jwk, ed_jwk, rs_jwk.clone()]});
+    let new = sign(Algorithm::ES256, "2026-new", &new_key, claims("patient-7"));
+    // Unknown kids refetch at most every 30 s: a flood of made-up kids is one fetch at most.
+    for i in 0..20 {
+        let forged = sign(
+            Algorithm::ES256,
+            &format!("made-up-{i}"),
+            &old_key,
+            claims("patient-7"),
+        );
+        assert_eq!(status_with(&app, &forged).await, StatusCode::UNAUTHORIZED);
+    }
+    assert!(fetches.load(Ordering::SeqCst) <= 2);
+    let fetched = crate::harness::eventually(
+        Duration::from_secs(45),
+        "the new key to be fetched after the 30 s guard",
+        || {
+            let (app, new) = (&app, &new);
+            async move {
+                match status_with(app, new).await {
+                    StatusCode::OK => Ok(()),
+                    other => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        Err(other.to_string())
+                    }
+                }
+            }
+        },
+    )
+    .await;
+    let () = fetched;
+    assert!(
+        fetches.load(Ordering::SeqCst) <= 3,
+        "one refetch for the new kid"
+    );
+    // The old key no longer works once the new document is in.
+    assert_eq!(status_with(&app, &old).await, StatusCode::UNAUTHORIZED);
+
+    // Strict claims, each signed with the valid new key.
+    let now = medrelay::clock::now_secs();
+    let with = |change: &dyn Fn(&mut Value)| {
+        let mut c = claims("patient-7");
+        change(&mut c);
+        sign(Algorithm::ES256, "2026-new", &new_key, c)
+    };
+    let rejected = [
+        ("wrong audience", with(&|c| c["aud"] = json!("another-app"))),
+        (
+            "wrong issuer",
+            with(&|c| c["iss"] = json!("https://evil.test/")),
+        ),
+        (
+            "not valid before a minute from now",
+            with(&|c| c["nbf"] = json!(now + 120)),
+        ),
+        (
+            "issued in the future",
+            with(&|c| c["iat"] = json!(now + 600)),
+        ),
+        (
+            "no exp",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("exp");
+            }),
+        ),
+        (
+            "no sub",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("sub");
+            }),
+        ),
+        ("an empty sub", with(&|c| c["sub"] = json!(""))),
+        ("a blank sub", with(&|c| c["sub"] = json!("   "))),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT","kid":"2026-new"}"#),
+                URL_SAFE_NO_PAD.encode(claims("patient-7").to_string())
+            ),
+        ),
+        (
+            // HS/RS confusion: an HMAC keyed with the provider's public RSA key.
+            "HS256 signed with the public RSA key",
+            sign(
+                Algorithm::HS256,
+                "test-rsa",
+                &EncodingKey::from_secret(rs_jwk.to_string().as_bytes()).unwrap(),
+                claims("patient-7"),
+            ),
+        ),
+    ];
+    for (what, token) in rejected {
+        let response = app
+            .http
+            .get(app.url("/v1/jobs"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        let problem = assert_problem(response, 401, "unauthorized").await;
+        // The answer says nothing about why.
+        let text = problem.to_string().to_lowercase();
+        for word in ["aud", "iss", "nbf", "exp", "sub", "alg", "kid", "signature"] {
+            assert!(!text.contains(word), "{what}: {text}");
+        }
+    }
+    // Within the leeway a slightly early nbf is fine.
+    let early = with(&|c| c["nbf"] = json!(now + 5));
+    assert_eq!(status_with(&app, &early).await, StatusCode::OK);
     app.stop().await;
 }

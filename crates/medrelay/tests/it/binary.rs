@@ -301,6 +301,36 @@ async fn configuration_comes_from_a_file_the_environment_and_flags_in_that_order
         err.to_lowercase().contains("lease") && err.contains("soon"),
         "{err}"
     );
+
+    // An identity provider without the issuer and audience to check: refused, saying why.
+    let missing: [(Option<&str>, Option<&str>); 3] = [
+        (None, None),
+        (Some("https://id.example/"), None),
+        (None, Some("medrelay")),
+    ];
+    for (issuer, audience) in missing {
+        let mut command = Command::new(BIN);
+        command
+            .arg("serve")
+            .env(
+                "MEDRELAY_JWKS_URL",
+                "https://id.example/.well-known/jwks.json",
+            )
+            .env("MEDRELAY_DATA_DIR", server.data());
+        if let Some(issuer) = issuer {
+            command.env("MEDRELAY_JWT_ISSUER", issuer);
+        }
+        if let Some(audience) = audience {
+            command.env("MEDRELAY_JWT_AUDIENCE", audience);
+        }
+        let out = command.output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("MEDRELAY_JWT_ISSUER") && err.contains("MEDRELAY_JWT_AUDIENCE"),
+            "{err}"
+        );
+    }
 }
 
 #[tokio::test]
