@@ -58,6 +58,8 @@ struct Jwks {
     source: String,
     http: reqwest::Client,
     cache: RwLock<Cached>,
+    /// Held while fetching: one fetch at a time, however many requests found the cache stale.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 struct Cached {
@@ -115,6 +117,7 @@ impl Authenticator {
                 fetched: None,
                 fresh_until: None,
             }),
+            refreshing: tokio::sync::Mutex::new(()),
         });
         Ok(Self {
             inner: Arc::new(Inner {
@@ -196,31 +199,34 @@ impl Authenticator {
 
 impl Jwks {
     async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<DecodingKey, ApiError> {
-        let (known, expired, may_refetch) = {
+        let (fetched, expired) = {
             let cache = self.cache.read().await;
             let now = Instant::now();
             (
-                cache.fetched.is_some(),
+                cache.fetched,
                 cache.fresh_until.is_none_or(|until| now >= until),
-                cache
-                    .fetched
-                    .is_none_or(|at| now.duration_since(at) >= JWKS_REFRESH_MIN),
             )
         };
+        let may_refetch = fetched.is_none_or(|at| at.elapsed() >= JWKS_REFRESH_MIN);
         if expired && may_refetch {
-            self.refresh(known).await?;
+            self.refresh(fetched).await?;
         } else if let Some(key) = self.lookup(kid, alg).await {
             return Ok(key);
         } else if may_refetch {
             // An unknown kid: the provider may have rotated its keys.
-            self.refresh(known).await?;
+            self.refresh(fetched).await?;
         }
         self.lookup(kid, alg).await.ok_or(ApiError::Unauthorized)
     }
 
-    /// Refetches the document. On failure the keys already known stay in use (`known`); with
-    /// none known yet, the request cannot be checked: 503.
-    async fn refresh(&self, known: bool) -> Result<(), ApiError> {
+    /// Refetches the document, once for all the requests that found it stale at `seen` (the
+    /// fetch they saw): whoever comes second finds it already done. On failure the keys
+    /// already known stay in use; with none known, the request cannot be checked: 503.
+    async fn refresh(&self, seen: Option<Instant>) -> Result<(), ApiError> {
+        let _single = self.refreshing.lock().await;
+        if self.cache.read().await.fetched != seen {
+            return Ok(());
+        }
         let fetched = self.fetch().await;
         let mut cache = self.cache.write().await;
         let now = Instant::now();
@@ -233,10 +239,10 @@ impl Jwks {
             }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "could not load the JWKS document");
-                if known {
-                    Ok(())
-                } else {
+                if cache.keys.keys.is_empty() {
                     Err(ApiError::unavailable(e))
+                } else {
+                    Ok(())
                 }
             }
         }
