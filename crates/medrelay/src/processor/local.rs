@@ -14,7 +14,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use regex::Regex;
 
-use super::sandbox::{Output, Sandbox, Task};
+use super::sandbox::Sandbox;
 use super::{Document, MediaType, ParseLimits, ProcessError, Processor, Refusal, pdf, photo};
 use crate::model::{DocumentInfo, DocumentResult, DocumentType, ProcessorInfo};
 
@@ -36,15 +36,7 @@ impl Processor for LocalProcessor {
     }
 
     fn process(&self, document: Document) -> BoxFuture<'_, Result<DocumentResult, ProcessError>> {
-        async move {
-            match self.sandbox.run(Task::Analyze, &document).await? {
-                Output::Analyzed(result) => Ok(*result),
-                Output::Prepared(_) => Err(ProcessError::Unmanaged(anyhow::anyhow!(
-                    "the sandbox answered another task"
-                ))),
-            }
-        }
-        .boxed()
+        async move { self.sandbox.analyze(&document).await }.boxed()
     }
 }
 

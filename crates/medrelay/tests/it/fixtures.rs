@@ -10,6 +10,30 @@ pub fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(CORPUS)
 }
 
+/// One PDF of the corpus, as `manifest.json` describes it.
+pub struct CorpusPdf {
+    pub file: String,
+    pub pages: u64,
+    pub encrypted: bool,
+}
+
+/// Every PDF of the corpus, in the manifest's order.
+pub fn corpus_manifest() -> Vec<CorpusPdf> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(corpus_dir().join("manifest.json")).unwrap())
+            .unwrap();
+    manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| CorpusPdf {
+            file: e["file"].as_str().unwrap().to_owned(),
+            pages: e["pages"].as_u64().unwrap(),
+            encrypted: e["encrypted"] == true,
+        })
+        .collect()
+}
+
 pub fn corpus_file(name: &str) -> Vec<u8> {
     let path = corpus_dir().join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
@@ -519,7 +543,7 @@ pub fn pdf_claiming_pages(claimed: u64) -> Vec<u8> {
         "/Resources << /Font << /F1 5 0 R >> >> ",
     );
     let honest = b"/Count 000001";
-    let at = pdf.windows(honest.len()).position(|w| w == honest).unwrap();
+    let at = find(&pdf, honest).unwrap();
     // Same length, so the cross-reference table stays right.
     let claim = format!("/Count {claimed:06}");
     assert_eq!(claim.len(), honest.len(), "at most six digits");

@@ -9,30 +9,11 @@ use medrelay::config::Settings;
 use medrelay::processor::anthropic::prepare::split_pdf;
 use medrelay::processor::local::analyze;
 use medrelay::processor::{Document, MediaType, ParseLimits, ProcessError, Refusal};
-use serde_json::Value;
 
-use crate::fixtures::{ContentFilter, Damage, corpus_dir, corpus_file, text_pdf_encoded};
+use crate::fixtures::{ContentFilter, Damage, corpus_file, corpus_manifest, text_pdf_encoded};
 use crate::harness::{Backend, TestApp};
 
 on_every_backend!(damaged_pdfs_through_the_service_succeed_with_their_page_counts);
-
-fn manifest() -> Vec<(String, u64, bool)> {
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(corpus_dir().join("manifest.json")).unwrap())
-            .unwrap();
-    manifest["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["file"].as_str().unwrap().to_owned(),
-                e["pages"].as_u64().unwrap(),
-                e["encrypted"] == true,
-            )
-        })
-        .collect()
-}
 
 fn limits() -> ParseLimits {
     ParseLimits::from_settings(&Settings::defaults())
@@ -57,11 +38,12 @@ fn read(bytes: &[u8]) -> Result<(u32, Option<String>), Refusal> {
 #[test]
 fn damaged_corpus_pdfs_read_like_the_originals() {
     let (mut variants, mut strict_fails) = (0, 0);
-    for (name, pages, encrypted) in manifest() {
-        if encrypted {
+    for entry in corpus_manifest() {
+        if entry.encrypted {
             continue;
         }
-        let original = corpus_file(&name);
+        let (name, pages) = (&entry.file, entry.pages);
+        let original = corpus_file(name);
         let (want_pages, want_text) = read(&original).unwrap_or_else(|r| panic!("{name}: {r:?}"));
         assert_eq!(u64::from(want_pages), pages, "{name}");
         for damage in Damage::ALL {
@@ -98,8 +80,8 @@ fn damaged_corpus_pdfs_read_like_the_originals() {
 
 #[test]
 fn a_damaged_encrypted_pdf_is_still_encrypted() {
-    let (name, _, _) = manifest().into_iter().find(|(_, _, e)| *e).unwrap();
-    let original = corpus_file(&name);
+    let encrypted = corpus_manifest().into_iter().find(|e| e.encrypted).unwrap();
+    let original = corpus_file(&encrypted.file);
     assert_eq!(read(&original), Err(Refusal::Encrypted));
     let mut seen = 0;
     for damage in Damage::ALL {
@@ -135,13 +117,13 @@ async fn damaged_pdfs_through_the_service_succeed_with_their_page_counts(backend
     let app = TestApp::spawn(backend).await;
     let token = app.token("damaged-files");
     let mut uploads = Vec::new();
-    let files = manifest();
+    let files = corpus_manifest();
     for (i, damage) in Damage::ALL.into_iter().enumerate() {
         // A different file for each damage, where it applies.
         let (damaged, pages) = (0..files.len())
             .map(|k| &files[(i * 3 + k) % files.len()])
-            .filter(|(_, _, encrypted)| !encrypted)
-            .find_map(|(name, pages, _)| damage.apply(&corpus_file(name)).map(|d| (d, *pages)))
+            .filter(|f| !f.encrypted)
+            .find_map(|f| damage.apply(&corpus_file(&f.file)).map(|d| (d, f.pages)))
             .unwrap();
         let job = app.upload_ok(&token, damaged, "application/pdf").await;
         uploads.push((

@@ -4,7 +4,7 @@
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::fixtures::{corpus_dir, corpus_file, png};
+use crate::fixtures::{corpus_file, corpus_manifest, png};
 use crate::harness::{Backend, TestApp, assert_problem};
 
 on_every_backend!(
@@ -92,22 +92,18 @@ async fn a_real_pdf_is_read_and_then_forgotten(backend: Backend) {
 async fn every_corpus_pdf_gets_its_manifest_page_count(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let token = app.token("corpus-reader");
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(corpus_dir().join("manifest.json")).unwrap())
-            .unwrap();
     let mut ids = Vec::new();
-    for entry in manifest["files"].as_array().unwrap() {
-        let name = entry["file"].as_str().unwrap();
+    for entry in corpus_manifest() {
         let job = app
-            .upload_ok(&token, corpus_file(name), "application/octet-stream")
+            .upload_ok(&token, corpus_file(&entry.file), "application/octet-stream")
             .await;
-        ids.push((entry.clone(), job["id"].as_str().unwrap().to_owned()));
+        ids.push((entry, job["id"].as_str().unwrap().to_owned()));
     }
     assert!(ids.len() >= 16);
     for (entry, id) in ids {
-        let name = entry["file"].as_str().unwrap();
+        let name = &entry.file;
         let job = app.wait_terminal(&token, &id).await;
-        if entry["encrypted"] == true {
+        if entry.encrypted {
             assert_eq!(job["status"], "failed", "{name}: {job}");
             assert_eq!(job["error"]["code"], "document-encrypted", "{name}");
             assert_eq!(job["error"]["retryable"], false, "{name}");
@@ -120,7 +116,7 @@ async fn every_corpus_pdf_gets_its_manifest_page_count(backend: Backend) {
         } else {
             assert_eq!(job["status"], "succeeded", "{name}: {job}");
             assert_eq!(
-                job["result"]["document"]["page_count"], entry["pages"],
+                job["result"]["document"]["page_count"], entry.pages,
                 "{name}"
             );
         }

@@ -20,7 +20,7 @@ use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
-use super::sandbox::{Output, Part, Sandbox, Task};
+use super::sandbox::{Part, Sandbox};
 use super::{Document, ProcessError, Processor, Refusal};
 use crate::config::Settings;
 use crate::model::{DocumentResult, ProcessorInfo};
@@ -146,14 +146,7 @@ impl Processor for AnthropicProcessor {
     fn process(&self, document: Document) -> BoxFuture<'_, Result<DocumentResult, ProcessError>> {
         async move {
             // Parsed, split and re-encoded in the sandbox child: never in this process.
-            let parts = match self.sandbox.run(Task::PrepareForClaude, &document).await? {
-                Output::Prepared(parts) => parts,
-                Output::Analyzed(_) => {
-                    return Err(ProcessError::Unmanaged(anyhow::anyhow!(
-                        "the sandbox answered another task"
-                    )));
-                }
-            };
+            let parts = self.sandbox.prepare(&document).await?;
             let parts: Vec<(Value, u32)> = parts
                 .into_iter()
                 .map(|(part, bytes)| match part {

@@ -101,22 +101,26 @@ fn base64_len(len: usize) -> usize {
 /// parsed document, scrubbed of everything active or attached.
 pub fn split_pdf(bytes: &[u8], limits: &ParseLimits) -> Result<Vec<(Vec<u8>, u32)>, ProcessError> {
     let mut doc = pdf::open(bytes, limits).map_err(ProcessError::Abort)?;
+    // `open` refuses a document without pages.
     let pages: Vec<u32> = doc.get_pages().keys().copied().collect();
-    if pages.is_empty() {
-        return Err(ProcessError::Abort(Refusal::Unreadable));
-    }
     // Only the parsed document leaves, never the uploaded bytes: no script, action, attached
-    // file or form program, and nothing that was appended outside the PDF's structure.
+    // file or form program, and nothing that was appended outside the PDF's structure. The
+    // whole document is written only when it may fit one part.
+    let one_part = pages.len() <= MAX_PDF_PAGES;
     let scrubbed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         scrub_document(&mut doc);
         let mut out = Vec::new();
-        doc.save_to(&mut out).map(|_| out)
+        one_part
+            .then(|| doc.save_to(&mut out).map(|_| out))
+            .transpose()
     }));
     let whole = match scrubbed {
         Ok(Ok(whole)) => whole,
         _ => return Err(ProcessError::Abort(Refusal::Unreadable)),
     };
-    if pages.len() <= MAX_PDF_PAGES && base64_len(whole.len()) <= MAX_PDF_BASE64 {
+    if let Some(whole) = whole
+        && base64_len(whole.len()) <= MAX_PDF_BASE64
+    {
         return Ok(vec![(whole, pages.len() as u32)]);
     }
     let mut parts = Vec::new();

@@ -34,7 +34,7 @@ const IMAGE_FILTERS: [&[u8]; 6] = [
 pub fn read(bytes: &[u8], limits: &ParseLimits) -> Result<Document, Refusal> {
     // A damaged encrypted file: its trailer may be lost, and its streams would read as noise,
     // so it is refused as encrypted (what the patient can act on), never read as garbage.
-    if contains(bytes, b"/Encrypt") {
+    if memchr::memmem::find(bytes, b"/Encrypt").is_some() {
         return Err(Refusal::Encrypted);
     }
     let pdf = match hayro_syntax::Pdf::new(bytes.to_vec()) {
@@ -191,8 +191,4 @@ fn copied_as_is(dict: &Dictionary) -> bool {
 fn lopdf_id(number: u32, generation: i32) -> Result<lopdf::ObjectId, Refusal> {
     let generation = u16::try_from(generation).map_err(|_| Refusal::Unreadable)?;
     Ok((number, generation))
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -80,6 +80,10 @@ pub enum Output {
     Prepared(Vec<(Part, Vec<u8>)>),
 }
 
+fn wrong_answer() -> ProcessError {
+    ProcessError::Unmanaged(anyhow::anyhow!("the sandbox answered another task"))
+}
+
 impl std::fmt::Debug for Output {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -130,6 +134,22 @@ impl Sandbox {
             timeout: settings.sandbox_timeout,
             max_output: 4 * settings.max_upload_bytes + 16 * 1024 * 1024,
         })
+    }
+
+    /// The `local` processor's analysis of `document`, in a fresh child.
+    pub async fn analyze(&self, document: &Document) -> Result<DocumentResult, ProcessError> {
+        match self.run(Task::Analyze, document).await? {
+            Output::Analyzed(result) => Ok(*result),
+            Output::Prepared(_) => Err(wrong_answer()),
+        }
+    }
+
+    /// What Claude is sent for `document`, made in a fresh child.
+    pub async fn prepare(&self, document: &Document) -> Result<Vec<(Part, Vec<u8>)>, ProcessError> {
+        match self.run(Task::PrepareForClaude, document).await? {
+            Output::Prepared(parts) => Ok(parts),
+            Output::Analyzed(_) => Err(wrong_answer()),
+        }
     }
 
     /// Runs `task` on `document` in a fresh child.
