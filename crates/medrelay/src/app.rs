@@ -16,6 +16,7 @@ use crate::auth::Authenticator;
 use crate::config::Settings;
 use crate::db::Db;
 use crate::lifecycle::{Lifecycle, Rules};
+use crate::limits::Limits;
 use crate::state::AppState;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -29,10 +30,12 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
     let auth = Authenticator::new(&settings).context("loading token keys")?;
     let keyring = crate::keys::load_keyring(&settings).context("loading the master keys")?;
     let processor = crate::processor::configured(&settings)?;
+    let limits = Limits::new(db.clone(), &settings);
     let lifecycle = Lifecycle::new(db, store, keyring, Rules::from_settings(&settings))?;
     Ok(AppState {
         settings: Arc::new(settings),
         lifecycle,
+        limits,
         auth,
         processor,
         metrics: Metrics::global(),
@@ -42,6 +45,8 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
 /// A started medrelay: its address and the handle to stop it.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where the operations routes are served when `MEDRELAY_ADMIN_LISTEN` is set.
+    pub admin_addr: Option<SocketAddr>,
     pub state: AppState,
     shutdown: CancellationToken,
     tasks: JoinSet<anyhow::Result<()>>,
@@ -92,18 +97,32 @@ pub async fn start_with(state: AppState, listener: TcpListener) -> anyhow::Resul
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let roles = state.settings.roles;
+    // With MEDRELAY_ADMIN_LISTEN, the operations routes are served there, by every role.
+    let admin_addr = match &state.settings.admin_listen {
+        Some(admin) => {
+            let admin_listener = TcpListener::bind(admin)
+                .await
+                .with_context(|| format!("binding MEDRELAY_ADMIN_LISTEN {admin}"))?;
+            let admin_addr = admin_listener
+                .local_addr()
+                .context("reading the bound admin address")?;
+            serve(
+                &mut tasks,
+                admin_listener,
+                crate::http::admin_router(state.clone()),
+                shutdown.clone(),
+            );
+            Some(admin_addr)
+        }
+        None => None,
+    };
     if roles.api {
-        let router = crate::http::router(state.clone());
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await
-            .context("serving HTTP")
-        });
+        serve(
+            &mut tasks,
+            listener,
+            crate::http::router(state.clone()),
+            shutdown.clone(),
+        );
     }
     if roles.api && state.lifecycle.db().has_notifications() {
         // On PostgreSQL, changes made by other instances reach this instance's streams.
@@ -124,8 +143,27 @@ pub async fn start_with(state: AppState, listener: TcpListener) -> anyhow::Resul
     ));
     Ok(Running {
         addr,
+        admin_addr,
         state,
         shutdown,
         tasks,
     })
+}
+
+/// Serves `router` on `listener` until `shutdown`.
+fn serve(
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) {
+    tasks.spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .context("serving HTTP")
+    });
 }

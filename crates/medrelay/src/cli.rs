@@ -123,6 +123,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on http://{}", running.addr)?;
+        if let Some(admin) = running.admin_addr {
+            writeln!(out, "admin listening on http://{admin}")?;
+        }
         out.flush()?;
     }
     tracing::info!(addr = %running.addr, "listening");
@@ -163,7 +166,11 @@ async fn process(settings: Settings, file: &PathBuf) -> anyhow::Result<()> {
         media_type,
         bytes: bytes.into(),
     };
-    match processor.process(document).await {
+    // Nothing is stored or charged to a user: this is the operator's own run.
+    match processor
+        .process(document, &medrelay::processor::Unlimited)
+        .await
+    {
         Ok(result) => {
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(())

@@ -258,6 +258,30 @@ pub struct Settings {
     pub pdf_max_depth: u32,
     /// Pixels of one photo.
     pub image_max_pixels: u64,
+    /// Uploads one user may send at once.
+    pub user_concurrent_uploads: u32,
+    /// Jobs of one user queued, processing or waiting for a retry at once.
+    pub user_active_jobs: u32,
+    /// Accepted uploads per user per rolling hour.
+    pub user_uploads_per_hour: u32,
+    /// Provider (Claude) calls per user per rolling day: the spend guard.
+    pub user_provider_calls_per_day: u32,
+    /// Event streams one user may hold open at once.
+    pub user_event_streams: u32,
+    /// Uploads in flight in this instance.
+    pub max_concurrent_uploads: u32,
+    /// Event streams open in this instance.
+    pub max_event_streams: u32,
+    /// Claude calls in flight in this instance; jobs wait for a slot.
+    pub anthropic_concurrency: u32,
+    /// A whole upload must finish within this.
+    #[serde(with = "duration")]
+    pub upload_deadline: Duration,
+    /// Bytes per second, averaged over 30 s, below which an upload is cut off (0: no rule).
+    pub upload_min_rate: u64,
+    /// When set, `/metrics`, `/healthz` and `/readyz` are served only on this address.
+    #[serde(default, deserialize_with = "loose_opt_string")]
+    pub admin_listen: Option<String>,
     pub roles: Roles,
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
@@ -294,6 +318,20 @@ impl fmt::Debug for Settings {
             .field("jwks_url", &self.jwks_url)
             .field("sandbox_memory", &self.sandbox_memory)
             .field("sandbox_timeout", &self.sandbox_timeout)
+            .field("user_concurrent_uploads", &self.user_concurrent_uploads)
+            .field("user_active_jobs", &self.user_active_jobs)
+            .field("user_uploads_per_hour", &self.user_uploads_per_hour)
+            .field(
+                "user_provider_calls_per_day",
+                &self.user_provider_calls_per_day,
+            )
+            .field("user_event_streams", &self.user_event_streams)
+            .field("max_concurrent_uploads", &self.max_concurrent_uploads)
+            .field("max_event_streams", &self.max_event_streams)
+            .field("anthropic_concurrency", &self.anthropic_concurrency)
+            .field("upload_deadline", &self.upload_deadline)
+            .field("upload_min_rate", &self.upload_min_rate)
+            .field("admin_listen", &self.admin_listen)
             .field("roles", &self.roles)
             .finish_non_exhaustive()
     }
@@ -335,6 +373,17 @@ pub const KNOWN_KEYS: &[&str] = &[
     "pdf_max_objects",
     "pdf_max_depth",
     "image_max_pixels",
+    "user_concurrent_uploads",
+    "user_active_jobs",
+    "user_uploads_per_hour",
+    "user_provider_calls_per_day",
+    "user_event_streams",
+    "max_concurrent_uploads",
+    "max_event_streams",
+    "anthropic_concurrency",
+    "upload_deadline",
+    "upload_min_rate",
+    "admin_listen",
     "roles",
     "shutdown_grace",
     "poll_interval",
@@ -443,7 +492,38 @@ impl Settings {
             !self.lease.is_zero(),
             "MEDRELAY_LEASE must be longer than zero"
         );
+        for (name, value) in [
+            (
+                "MEDRELAY_USER_CONCURRENT_UPLOADS",
+                self.user_concurrent_uploads,
+            ),
+            ("MEDRELAY_USER_ACTIVE_JOBS", self.user_active_jobs),
+            ("MEDRELAY_USER_UPLOADS_PER_HOUR", self.user_uploads_per_hour),
+            (
+                "MEDRELAY_USER_PROVIDER_CALLS_PER_DAY",
+                self.user_provider_calls_per_day,
+            ),
+            ("MEDRELAY_USER_EVENT_STREAMS", self.user_event_streams),
+            (
+                "MEDRELAY_MAX_CONCURRENT_UPLOADS",
+                self.max_concurrent_uploads,
+            ),
+            ("MEDRELAY_MAX_EVENT_STREAMS", self.max_event_streams),
+            ("MEDRELAY_ANTHROPIC_CONCURRENCY", self.anthropic_concurrency),
+        ] {
+            anyhow::ensure!(value >= 1, "{name} must be at least 1");
+        }
+        anyhow::ensure!(
+            !self.upload_deadline.is_zero(),
+            "MEDRELAY_UPLOAD_DEADLINE must be longer than zero"
+        );
         Ok(())
+    }
+
+    /// The upload deadline in force: never longer than the TTL, since no byte of an upload may
+    /// outlive its start + TTL.
+    pub fn upload_deadline_within_ttl(&self) -> Duration {
+        self.upload_deadline.min(self.temp_ttl)
     }
 
     pub fn database_url(&self) -> String {

@@ -8,6 +8,7 @@
 //!   `keys`, `crypto`, `telemetry`;
 //! - the two stores: `db` (SQL, nothing else) and `store` (bytes, one file per backend);
 //! - `processor`: a document in, a result out;
+//! - `limits`: fair use (per-user and per-instance limits, the spend guard);
 //! - `lifecycle`: every state change of a job with its side effects, and every rule about
 //!   patient data;
 //! - the roles, thin callers of `lifecycle`: `http`, `worker`, `sweeper`, `purge`, sharing
@@ -28,6 +29,7 @@ pub mod http;
 pub mod ids;
 pub mod keys;
 pub mod lifecycle;
+pub mod limits;
 pub mod model;
 pub mod processor;
 pub mod purge;

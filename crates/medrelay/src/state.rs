@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::auth::Authenticator;
 use crate::config::Settings;
 use crate::lifecycle::Lifecycle;
+use crate::limits::Limits;
 use crate::processor::Processor;
 use crate::telemetry::Metrics;
 
@@ -15,6 +16,7 @@ use crate::telemetry::Metrics;
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub lifecycle: Lifecycle,
+    pub limits: Limits,
     pub auth: Authenticator,
     pub processor: Arc<dyn Processor>,
     pub metrics: Metrics,

@@ -1,6 +1,6 @@
 //! The sweeper role: every `MEDRELAY_SWEEP_INTERVAL`, has `lifecycle` end every job whose
-//! lifetime is over, delete every object older than the TTL, drop day-old tombstones, and
-//! finish purges whose purger died.
+//! lifetime is over, delete every object older than the TTL, drop day-old tombstones and lapsed
+//! fair-use rows, and finish purges whose purger died.
 //!
 //! Owns the schedule of the one-hour guarantee, not its rules (those are `lifecycle`'s).
 //! Safe to run in several instances at once: every step is idempotent.
@@ -29,6 +29,8 @@ pub async fn sweep(state: &AppState) -> anyhow::Result<u64> {
     let expired = lifecycle.expire_due(now).await?;
     lifecycle.drop_old_tombstones(now).await?;
     lifecycle.sweep_objects(now).await?;
+    // Fair-use rows that lapsed: slots an instance did not release, day-old provider calls.
+    state.limits.drop_lapsed(now).await?;
     // A purge whose purger died is picked up here too.
     crate::purge::run_pending(lifecycle).await?;
     Ok(expired)

@@ -173,5 +173,6 @@ fn spawn_heartbeat(
 /// One processing attempt: open the document, run the processor.
 async fn attempt(state: &AppState, job: &Claimed) -> Result<DocumentResult, ProcessError> {
     let document = state.lifecycle.document(job).await?;
-    state.processor.process(document).await
+    let budget = state.limits.provider_budget(job.user_prefix());
+    state.processor.process(document, &budget).await
 }

@@ -7,6 +7,7 @@
 //! too) except where a dialect differs (the claims).
 //!
 //! - `mod.rs`: connection, backend choice, error sorting;
+//! - `limits`: fair use (slots of uploads and streams, provider calls, per-user counts);
 //! - `queue`: the queue's transitions; `reads`: the API's reads; `purges`: tombstones,
 //!   shredding and the purge queue; `notify`: PostgreSQL's job notifications.
 
@@ -29,12 +30,14 @@ macro_rules! on_pool {
     };
 }
 
+mod limits;
 mod notify;
 mod purges;
 mod queue;
 mod reads;
 mod rows;
 
+pub use limits::{SlotKind, Usage};
 pub use notify::JobNotifications;
 pub use purges::PURGE_LEASE_MS;
 pub use rows::{Inserted, JobRow, NewJob, PurgeRow};

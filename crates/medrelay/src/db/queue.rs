@@ -42,7 +42,7 @@ impl Db {
         let sql = "INSERT INTO jobs (id, user_id, user_prefix, status, media_type, size_bytes, \
                    attempts, max_attempts, run_at, idempotency_key, created_at, updated_at, \
                    expires_at, document_kek, document_dek) \
-                   VALUES ($1, $2, $3, 'queued', $4, $5, 0, $6, $7, $8, $7, $7, $9, $10, $11) \
+                   VALUES ($1, $2, $3, 'queued', $4, $5, 0, $6, $7, $8, $12, $7, $9, $10, $11) \
                    RETURNING *";
         let inserted = on_pool!(self, |p| sqlx::query_as::<_, JobRow>(sql)
             .bind(&job.id)
@@ -56,6 +56,7 @@ impl Db {
             .bind(job.expires_at)
             .bind(&job.document_key.kid)
             .bind(&job.document_key.bytes)
+            .bind(job.created_at)
             .fetch_one(p)
             .await);
         match inserted {

@@ -103,6 +103,8 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     pub document_key: WrappedKey,
     pub now: i64,
+    /// When its upload started: the job's `created_at`, from which it expires.
+    pub created_at: i64,
     pub expires_at: i64,
 }
 

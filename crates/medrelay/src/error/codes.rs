@@ -32,6 +32,8 @@ pub enum Code {
     DocumentMissing,
     ProcessingUnavailable,
     ProcessingFailed,
+    TooManyRequests,
+    DailyLimitReached,
 }
 
 /// How a code answers an HTTP request.
@@ -88,7 +90,7 @@ const fn job(message: &'static str, meaning: &'static str) -> Option<JobEnd> {
 }
 
 impl Code {
-    pub const ALL: [Code; 21] = [
+    pub const ALL: [Code; 23] = [
         Code::EmptyDocument,
         Code::MissingFile,
         Code::BadRequest,
@@ -110,6 +112,8 @@ impl Code {
         Code::DocumentMissing,
         Code::ProcessingUnavailable,
         Code::ProcessingFailed,
+        Code::TooManyRequests,
+        Code::DailyLimitReached,
     ];
 
     pub const fn spec(self) -> Spec {
@@ -209,7 +213,7 @@ impl Code {
                     408,
                     "Upload too slow",
                     "The upload was too slow and was stopped. Please check your connection and try again.",
-                    "the upload sent nothing for 30 s",
+                    "the upload sent nothing for 30 s, sent less than `MEDRELAY_UPLOAD_MIN_RATE` bytes/s over 30 s, or ran past `MEDRELAY_UPLOAD_DEADLINE`; nothing of it is kept",
                 ),
                 job: None,
             },
@@ -324,6 +328,26 @@ impl Code {
                 job: job(
                     "We could not read your document right now because the service is busy. Please try again in a few minutes.",
                     "every retry failed transiently",
+                ),
+            },
+            Code::TooManyRequests => Spec {
+                code: "too-many-requests",
+                retryable: true,
+                http: http(
+                    429,
+                    "Too many requests",
+                    "You are sending many documents at once. Please wait a minute and try again.",
+                    "a fair-use limit (per user or per instance, see Limits); `Retry-After` says when a slot or a token frees up",
+                ),
+                job: None,
+            },
+            Code::DailyLimitReached => Spec {
+                code: "daily-limit-reached",
+                retryable: true,
+                http: None,
+                job: job(
+                    "You have sent many documents today, so we paused reading more for now. Please upload this document again tomorrow.",
+                    "the spend guard: the user's provider calls of the rolling day reached `MEDRELAY_USER_PROVIDER_CALLS_PER_DAY`; the provider was not called",
                 ),
             },
             Code::ProcessingFailed => Spec {

@@ -54,6 +54,12 @@ pub enum ApiError {
     HeicUnsupported,
     #[error("upload timed out")]
     UploadTimeout,
+    /// A fair-use limit: what the patient reads, and seconds until trying again is useful.
+    #[error("too many requests")]
+    TooManyRequests {
+        detail: &'static str,
+        retry_after_secs: u64,
+    },
     #[error("service unavailable: {0:#}")]
     Unavailable(anyhow::Error),
     #[error("internal error: {0:#}")]
@@ -85,6 +91,7 @@ impl ApiError {
                 Code::UnsupportedMediaType
             }
             ApiError::UploadTimeout => Code::UploadTimeout,
+            ApiError::TooManyRequests { .. } => Code::TooManyRequests,
             ApiError::Unavailable(_) => Code::ServiceUnavailable,
             ApiError::Internal(_) => Code::InternalError,
         }
@@ -98,6 +105,7 @@ impl ApiError {
         let template = self.code().http().detail;
         match self {
             ApiError::HeicUnsupported => codes::HEIC_DETAIL.into(),
+            ApiError::TooManyRequests { detail, .. } => (*detail).into(),
             ApiError::BadRequest(what) => template.replace("{what}", what),
             ApiError::TooLarge { limit } => {
                 template.replace("{limit_mb}", &(limit / (1024 * 1024)).to_string())
@@ -134,11 +142,23 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         let mut response = problem_response(&self.problem());
-        if matches!(self, ApiError::Unavailable(_)) {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(UNAVAILABLE_RETRY_AFTER_SECS),
-            );
+        let retry_after = match &self {
+            ApiError::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS.into()),
+            ApiError::TooManyRequests {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if matches!(self, ApiError::UploadTimeout) {
+            // The client is too slow to be worth reading on: the connection is closed.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

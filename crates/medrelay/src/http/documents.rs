@@ -16,8 +16,10 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
+use tokio::time::Instant;
 
 use crate::auth::User;
+use crate::clock::now_millis;
 use crate::error::{ApiError, Problem};
 use crate::lifecycle::Incoming;
 use crate::model::Job;
@@ -56,9 +58,11 @@ const MULTIPART_OVERHEAD: u64 = 64 * 1024;
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
         (status = 400, description = "Empty file or no `file` part", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 408, description = "The upload stalled", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The upload stalled, was too slow or ran past its deadline", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Larger than MEDRELAY_MAX_UPLOAD_BYTES", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not a PDF, JPEG, PNG or WebP", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "A fair-use limit; carries Retry-After", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until a slot or a token frees up"))),
         (status = 503, description = "Storage or database unavailable", body = Problem, content_type = "application/problem+json"),
     ),
 )]
@@ -67,14 +71,43 @@ pub async fn create_document(
     user: User,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let started = now_millis();
     let headers = request.headers().clone();
     let multipart = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
 
-    let body = SharedBody::new(request.into_body().into_data_stream());
-    let received = receive(&state, &user, &headers, multipart, body.clone()).await;
+    let pace = Pace::new(
+        state.settings.upload_deadline_within_ttl(),
+        state.settings.upload_min_rate,
+    );
+    let body = SharedBody::new(request.into_body().into_data_stream(), pace);
+    // Fair use before a byte is read: held until the job is committed or the upload refused.
+    let prefix = state.lifecycle.user_prefix(&user.id);
+    let permit = match state.limits.admit_upload(&prefix).await {
+        Ok(permit) => permit,
+        Err(e) => {
+            body.drain_in_background();
+            return Err(e.into());
+        }
+    };
+    let answer = upload(&state, &user, &headers, multipart, body, started).await;
+    // Released before the answer: a client that sends its next upload at once finds the slot free.
+    permit.release().await;
+    answer
+}
+
+/// Receives, stores and commits one admitted upload.
+async fn upload(
+    state: &AppState,
+    user: &User,
+    headers: &HeaderMap,
+    multipart: bool,
+    body: SharedBody,
+    started: i64,
+) -> Result<Response, ApiError> {
+    let received = receive(state, user, headers, multipart, body.clone(), started).await;
     let (incoming, idempotency_key) = match received {
         Ok(Received::Stored {
             incoming,
@@ -83,6 +116,12 @@ pub async fn create_document(
         Ok(Received::Existing(job)) => {
             body.drain_in_background();
             return Ok(accepted(*job));
+        }
+        Err(e) if body.too_slow() || matches!(e, ApiError::UploadTimeout) => {
+            // Cut off: what it wrote is gone (the write was aborted), and the connection is
+            // closed rather than read on.
+            metrics::counter!("medrelay_uploads_cut_off_total").increment(1);
+            return Err(ApiError::UploadTimeout);
         }
         Err(e) => {
             // The client may still be sending: let it finish, so that it reads our answer
@@ -112,6 +151,7 @@ async fn receive(
     headers: &HeaderMap,
     multipart: bool,
     body: SharedBody,
+    started: i64,
 ) -> Result<Received, ApiError> {
     let limit = state.settings.max_upload_bytes;
     // Refuse what is too large before reading a byte of it.
@@ -156,7 +196,7 @@ async fn receive(
                 .map_err(|_| ApiError::BadRequest("the multipart form is malformed"))?;
             match field {
                 Some(field) if field.name() == Some("file") => {
-                    break ingest(state, user, field, limit).await?;
+                    break ingest(state, user, field, limit, started).await?;
                 }
                 // Other parts (a caption, a client version) are not needed: skip them unread.
                 Some(_) => continue,
@@ -164,7 +204,7 @@ async fn receive(
             }
         }
     } else {
-        ingest(state, user, body, limit).await?
+        ingest(state, user, body, limit, started).await?
     };
     Ok(Received::Stored {
         incoming: Box::new(incoming),
@@ -173,17 +213,28 @@ async fn receive(
 }
 
 /// The request body, shared so that what the handler did not read can be drained after the
-/// answer is sent.
+/// answer is sent, and paced: an upload past its deadline or below the minimum rate ends in an
+/// error (and [`SharedBody::too_slow`]).
 #[derive(Clone)]
-struct SharedBody(Arc<Mutex<BodyDataStream>>);
+struct SharedBody(Arc<Mutex<Paced>>);
+
+struct Paced {
+    stream: BodyDataStream,
+    pace: Pace,
+}
 
 /// What may be drained after an early answer; a client sending more is cut off.
 const DRAIN_MAX_BYTES: usize = 64 * 1024 * 1024;
 const DRAIN_MAX_TIME: Duration = Duration::from_secs(30);
 
 impl SharedBody {
-    fn new(stream: BodyDataStream) -> Self {
-        Self(Arc::new(Mutex::new(stream)))
+    fn new(stream: BodyDataStream, pace: Pace) -> Self {
+        Self(Arc::new(Mutex::new(Paced { stream, pace })))
+    }
+
+    /// Whether the upload was cut off by its deadline or the minimum rate.
+    fn too_slow(&self) -> bool {
+        self.0.lock().pace.cut_off
     }
 
     fn drain_in_background(self) {
@@ -207,8 +258,93 @@ impl Stream for SharedBody {
     type Item = Result<Bytes, axum::Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let mut inner = self.0.lock();
-        Pin::new(&mut *inner).poll_next(cx)
+        let mut guard = self.0.lock();
+        let Paced { stream, pace } = &mut *guard;
+        if pace.cut_off || !pace.check(Instant::now()) {
+            return Poll::Ready(Some(Err(pace.error())));
+        }
+        match Pin::new(stream).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                pace.received(chunk.len());
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(other) => Poll::Ready(other),
+            Poll::Pending => {
+                // Nothing arrived: wake up when the rules must be checked again. A timer that
+                // fired is checked, then re-armed (for the next window) and polled once more
+                // to register this task.
+                for _ in 0..2 {
+                    if pace.timer.as_mut().poll(cx).is_pending() {
+                        break;
+                    }
+                    if !pace.check(Instant::now()) {
+                        return Poll::Ready(Some(Err(pace.error())));
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// The rate is averaged over windows of this length.
+const RATE_WINDOW: Duration = Duration::from_secs(30);
+
+/// The rules an upload's pace must keep: done within `deadline` of its start, and at least
+/// `min_rate` bytes per second over each window of [`RATE_WINDOW`].
+struct Pace {
+    deadline: Instant,
+    min_rate: u64,
+    window_start: Instant,
+    window_bytes: u64,
+    /// Fires at the end of the window or at the deadline, whichever is first.
+    timer: Pin<Box<tokio::time::Sleep>>,
+    cut_off: bool,
+}
+
+impl Pace {
+    fn new(deadline: Duration, min_rate: u64) -> Pace {
+        let now = Instant::now();
+        let deadline = now + deadline;
+        Pace {
+            deadline,
+            min_rate,
+            window_start: now,
+            window_bytes: 0,
+            timer: Box::pin(tokio::time::sleep_until((now + RATE_WINDOW).min(deadline))),
+            cut_off: false,
+        }
+    }
+
+    fn received(&mut self, bytes: usize) {
+        self.window_bytes += bytes as u64;
+    }
+
+    /// Whether the upload keeps its pace at `now`; when a window is over, starts the next.
+    fn check(&mut self, now: Instant) -> bool {
+        if now >= self.deadline {
+            self.cut_off = true;
+            return false;
+        }
+        if now >= self.window_start + RATE_WINDOW {
+            let needed = self.min_rate.saturating_mul(RATE_WINDOW.as_secs());
+            if self.window_bytes < needed {
+                self.cut_off = true;
+                return false;
+            }
+            self.window_start = now;
+            self.window_bytes = 0;
+            self.timer
+                .as_mut()
+                .reset((now + RATE_WINDOW).min(self.deadline));
+        }
+        true
+    }
+
+    fn error(&self) -> axum::Error {
+        axum::Error::new(anyhow::anyhow!(
+            "the upload ran past its deadline or below the minimum rate"
+        ))
     }
 }
 
@@ -245,6 +381,7 @@ async fn ingest<S, E>(
     user: &User,
     body: S,
     limit: u64,
+    started: i64,
 ) -> Result<Incoming, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -277,7 +414,7 @@ where
         Sniffed::Unsupported => return Err(ApiError::UnsupportedMediaType),
     };
 
-    let mut incoming = state.lifecycle.accept(&user.id, media_type)?;
+    let mut incoming = state.lifecycle.accept(&user.id, media_type, started)?;
     let outcome: Result<(), ApiError> = async {
         incoming.push(&head).await?;
         drop(head);
@@ -314,5 +451,30 @@ where
             tracing::info!(error = %e, "the upload was interrupted");
             Err(ApiError::BadRequest("the upload was interrupted"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pace_cuts_off_below_the_rate_over_a_window_and_at_the_deadline() {
+        let start = Instant::now();
+        let mut pace = Pace::new(Duration::from_secs(600), 1024);
+        // Within the first window nothing is judged.
+        assert!(pace.check(start + Duration::from_secs(29)));
+        pace.received(30 * 1024);
+        // 30 KiB in the first 30 s: kept; the next window starts.
+        assert!(pace.check(start + Duration::from_secs(31)));
+        pace.received(30 * 1024 - 1);
+        // One byte short over the second window: cut off, for good.
+        assert!(!pace.check(start + Duration::from_secs(62)));
+        assert!(pace.cut_off);
+
+        let mut pace = Pace::new(Duration::from_secs(3), 0);
+        pace.received(1 << 20);
+        assert!(pace.check(start + Duration::from_secs(2)));
+        assert!(!pace.check(start + Duration::from_secs(4)), "the deadline");
     }
 }

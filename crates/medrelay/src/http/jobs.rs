@@ -15,6 +15,7 @@ use crate::auth::User;
 use crate::error::{ApiError, Problem};
 use crate::ids::JobId;
 use crate::lifecycle::{DeleteOutcome, Lookup};
+use crate::limits::{Permit, STREAM_SLOT_RENEW};
 use crate::model::{DeletionReason, Job, JobList, JobStatus};
 use crate::state::AppState;
 
@@ -158,6 +159,7 @@ pub async fn delete_my_data(
         (status = 200, description = "text/event-stream of `job` events, each carrying a Job", content_type = "text/event-stream"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such job (or another user's)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many open event streams (per user or per instance); carries Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
 )]
 pub async fn job_events(
@@ -166,7 +168,10 @@ pub async fn job_events(
     Path(id): Path<JobId>,
 ) -> Result<Response, ApiError> {
     let first = live_job(&state, &user, &id).await?;
-    let stream = job_stream(state, user, first);
+    let prefix = state.lifecycle.user_prefix(&user.id);
+    // Held (and renewed) while the stream is open; released when it ends.
+    let permit = state.limits.admit_stream(&prefix).await?;
+    let stream = job_stream(state, user, first, permit);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
@@ -176,9 +181,12 @@ fn job_stream(
     state: AppState,
     user: User,
     first: Job,
+    permit: Permit,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let mut changes = state.lifecycle.subscribe();
     async_stream(move |tx| async move {
+        let mut renew = tokio::time::interval(STREAM_SLOT_RENEW);
+        renew.tick().await;
         let id = first.id.clone();
         let mut last = (first.status, first.updated_at);
         let done = first.status.is_terminal();
@@ -195,6 +203,10 @@ fn job_stream(
                     Err(RecvError::Closed) => return,
                 },
                 _ = tokio::time::sleep(EVENTS_RECHECK) => true,
+                _ = renew.tick() => {
+                    permit.renew().await;
+                    continue;
+                }
             };
             if !recheck {
                 continue;

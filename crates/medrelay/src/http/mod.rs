@@ -52,13 +52,24 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Every route, as the OpenAPI document describes them.
 fn api_router() -> OpenApiRouter<AppState> {
+    app_routes().merge(ops_routes())
+}
+
+/// The routes of the app.
+fn app_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(documents::create_document))
         .routes(routes!(jobs::list_jobs))
         .routes(routes!(jobs::get_job, jobs::delete_job))
         .routes(routes!(jobs::job_events))
         .routes(routes!(jobs::delete_my_data))
+}
+
+/// The operations routes: on the main address, or only on `MEDRELAY_ADMIN_LISTEN` when set.
+fn ops_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
@@ -81,15 +92,33 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     api
 }
 
+/// The main address: the app's routes, the OpenAPI document, and the operations routes
+/// unless an admin address serves them.
 pub fn router(state: AppState) -> Router {
-    let (router, _) = api_router().split_for_parts();
+    let routes = if state.settings.admin_listen.is_some() {
+        app_routes()
+    } else {
+        api_router()
+    };
+    let (router, _) = routes.split_for_parts();
     let spec = openapi();
+    let router = router.route(
+        "/openapi.json",
+        axum::routing::get(move || async move { axum::Json(spec) }),
+    );
+    with_layers(router, state)
+}
+
+/// The admin address (`MEDRELAY_ADMIN_LISTEN`): the operations routes only.
+pub fn admin_router(state: AppState) -> Router {
+    let (router, _) = ops_routes().split_for_parts();
+    with_layers(router, state)
+}
+
+/// What every request passes, on either address.
+fn with_layers(router: Router<AppState>, state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     router
-        .route(
-            "/openapi.json",
-            axum::routing::get(move || async move { axum::Json(spec) }),
-        )
         .fallback(|| async { ApiError::RouteNotFound })
         // Upload limits are enforced while streaming, with the configured maximum.
         .layer(axum::extract::DefaultBodyLimit::disable())
@@ -163,5 +192,18 @@ impl From<crate::lifecycle::Error> for ApiError {
 impl From<crate::db::DbError> for ApiError {
     fn from(e: crate::db::DbError) -> Self {
         crate::lifecycle::Error::from(e).into()
+    }
+}
+
+/// A refusal is a 429 with its `Retry-After`; a limit that could not be checked is an outage.
+impl From<crate::limits::Error> for ApiError {
+    fn from(e: crate::limits::Error) -> Self {
+        match e {
+            crate::limits::Error::Refused(refused) => ApiError::TooManyRequests {
+                detail: refused.limit.detail(),
+                retry_after_secs: refused.retry_after_secs(),
+            },
+            crate::limits::Error::Db(e) => e.into(),
+        }
     }
 }

@@ -51,6 +51,9 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         metrics::gauge!("medrelay_jobs", "status" => status.as_str()).set(n as f64);
     }
     metrics::gauge!("medrelay_jobs_running_here").set(state.lifecycle.running().len() as f64);
+    let (uploads, streams) = state.limits.in_flight();
+    metrics::gauge!("medrelay_uploads_in_flight").set(uploads as f64);
+    metrics::gauge!("medrelay_event_streams_open").set(streams as f64);
     let mut response = (StatusCode::OK, state.metrics.render()).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -26,11 +26,19 @@ pub struct Incoming {
     writer: ObjectWriter,
     key: WrappedKey,
     size: u64,
+    /// When the upload started (unix ms): the job expires one TTL after it.
+    started: i64,
 }
 
 impl Lifecycle {
-    /// Starts receiving a document of `user`, whose type was decided from its first bytes.
-    pub fn accept(&self, user: &UserId, media_type: MediaType) -> Result<Incoming, Error> {
+    /// Starts receiving a document of `user`, whose type was decided from its first bytes, in
+    /// an upload that started at `started` (unix ms): no byte of it outlives `started` + TTL.
+    pub fn accept(
+        &self,
+        user: &UserId,
+        media_type: MediaType,
+        started: i64,
+    ) -> Result<Incoming, Error> {
         let id = JobId::new();
         let prefix = self.user_prefix(user);
         // Encrypted before a byte leaves the process.
@@ -54,6 +62,7 @@ impl Lifecycle {
             writer,
             key: wrapped,
             size: 0,
+            started,
         })
     }
 }
@@ -104,6 +113,7 @@ impl Incoming {
             mut writer,
             key,
             size,
+            started,
             ..
         } = self;
         let written = async {
@@ -130,7 +140,9 @@ impl Incoming {
             idempotency_key,
             document_key: key,
             now,
-            expires_at: now + millis(lifecycle.rules().temp_ttl),
+            // The TTL counts from the upload's first byte, not from its commit.
+            created_at: started,
+            expires_at: started + millis(lifecycle.rules().temp_ttl),
         };
         let inserted = match lifecycle.db().insert_job(&new_job).await {
             Ok(inserted) => inserted,

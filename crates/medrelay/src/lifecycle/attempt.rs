@@ -33,6 +33,11 @@ impl Claimed {
     pub fn attempts(&self) -> i64 {
         self.row.attempts
     }
+
+    /// The opaque prefix of the job's user (whose limits it counts against).
+    pub fn user_prefix(&self) -> &crate::ids::UserPrefix {
+        &self.row.user_prefix
+    }
 }
 
 impl Lifecycle {

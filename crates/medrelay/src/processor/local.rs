@@ -15,7 +15,9 @@ use futures::future::BoxFuture;
 use regex::Regex;
 
 use super::sandbox::Sandbox;
-use super::{Document, MediaType, ParseLimits, ProcessError, Processor, Refusal, pdf, photo};
+use super::{
+    CallBudget, Document, MediaType, ParseLimits, ProcessError, Processor, Refusal, pdf, photo,
+};
 use crate::model::{DocumentInfo, DocumentResult, DocumentType, ProcessorInfo};
 
 /// The `local` processor: each document is analyzed by a sandbox child.
@@ -35,7 +37,12 @@ impl Processor for LocalProcessor {
         "local"
     }
 
-    fn process(&self, document: Document) -> BoxFuture<'_, Result<DocumentResult, ProcessError>> {
+    fn process<'a>(
+        &'a self,
+        document: Document,
+        // Calls no provider: nothing to charge.
+        _budget: &'a dyn CallBudget,
+    ) -> BoxFuture<'a, Result<DocumentResult, ProcessError>> {
         async move { self.sandbox.analyze(&document).await }.boxed()
     }
 }

@@ -98,6 +98,9 @@ pub enum Refusal {
     /// The provider cannot serve us now (credentials, permissions, spend limit): not the
     /// document's fault, and not worth retrying at once.
     ServiceUnavailable,
+    /// The user's provider calls of the rolling day are used up (the spend guard): the
+    /// provider was not called.
+    DailyLimit,
 }
 
 impl Refusal {
@@ -112,6 +115,7 @@ impl Refusal {
             Refusal::Refused => Code::DocumentRefused,
             Refusal::Missing => Code::DocumentMissing,
             Refusal::ServiceUnavailable => Code::ServiceUnavailable,
+            Refusal::DailyLimit => Code::DailyLimitReached,
         }
     }
 
@@ -141,7 +145,27 @@ pub enum ProcessError {
 /// Turns one document into a result.
 pub trait Processor: Send + Sync + 'static {
     fn name(&self) -> &'static str;
-    fn process(&self, document: Document) -> BoxFuture<'_, Result<DocumentResult, ProcessError>>;
+    /// Processes `document`, charging every provider call to `budget` before making it.
+    fn process<'a>(
+        &'a self,
+        document: Document,
+        budget: &'a dyn CallBudget,
+    ) -> BoxFuture<'a, Result<DocumentResult, ProcessError>>;
+}
+
+/// Asked before every provider call: may this job's user make one more? Refuses with
+/// [`Refusal::DailyLimit`] (the spend guard).
+pub trait CallBudget: Send + Sync {
+    fn charge(&self) -> BoxFuture<'_, Result<(), ProcessError>>;
+}
+
+/// No spend guard: `medrelay process` and processors that call no provider.
+pub struct Unlimited;
+
+impl CallBudget for Unlimited {
+    fn charge(&self) -> BoxFuture<'_, Result<(), ProcessError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The processor `settings` configure (`MEDRELAY_PROCESSOR`).

@@ -1,6 +1,7 @@
 //! A local stand-in for Claude's Messages API: scripted answers, recorded calls.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
@@ -54,6 +55,9 @@ pub struct Mock {
     /// Answer used when the script is exhausted.
     fallback: Arc<Mutex<Option<Reply>>>,
     calls: Arc<Mutex<Vec<Call>>>,
+    /// Calls being answered now, and the most there ever were at once.
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
 }
 
 impl Mock {
@@ -62,6 +66,8 @@ impl Mock {
             script: Arc::new(Mutex::new(script.into_iter().rev().collect())),
             fallback: Arc::new(Mutex::new(fallback)),
             calls: Arc::default(),
+            in_flight: Arc::default(),
+            max_in_flight: Arc::default(),
         };
         let state = mock.clone();
         let router = axum::Router::new().route(
@@ -69,6 +75,8 @@ impl Mock {
             axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
                 let state = state.clone();
                 async move {
+                    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    state.max_in_flight.fetch_max(now, Ordering::SeqCst);
                     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                     state.calls.lock().push(Call {
                         at: Instant::now(),
@@ -82,6 +90,7 @@ impl Mock {
                         .or_else(|| state.fallback.lock().clone())
                         .unwrap_or_else(|| Reply::error(500, "api_error"));
                     tokio::time::sleep(reply.delay).await;
+                    state.in_flight.fetch_sub(1, Ordering::SeqCst);
                     let mut response = axum::response::Response::builder()
                         .status(reply.status)
                         .header("content-type", "application/json");
@@ -104,6 +113,11 @@ impl Mock {
 
     pub fn calls(&self) -> Vec<Call> {
         self.calls.lock().clone()
+    }
+
+    /// The most calls that were in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
     }
 }
 

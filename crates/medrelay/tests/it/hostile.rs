@@ -6,9 +6,7 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use medrelay::db::Db;
 use medrelay::ids::JobId;
-use medrelay::store::Store;
 use serde_json::Value;
 
 use crate::claude_mock::{Mock, Reply, extraction};
@@ -16,8 +14,8 @@ use crate::fixtures::{
     active_pdf_with_appended_zip, apng, corpus_file, deeply_nested_pdf, flate_bomb_pdf,
     pdf_claiming_pages, pixel_flood_png, png, png_with_chunk_bombs, text_pdf,
 };
-use crate::harness::{Backend, drop_postgres, fresh_bucket, fresh_postgres};
-use crate::server::{Server, wait_terminal};
+use crate::harness::{Backend, drop_postgres};
+use crate::server::{Server, backend_env, wait_terminal};
 
 /// The sandbox deadline of these servers; a hostile job must end within twice that.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -100,37 +98,11 @@ async fn hostile_documents_end_alone(processor: Processor, backend: Backend) {
             Some(mock)
         }
     };
-    let mut pg_name = None;
-    if backend.postgres() {
-        let (url, name) = fresh_postgres().await;
-        envs.push(("MEDRELAY_DATABASE_URL", url));
-        pg_name = Some(name);
-    }
-    if backend.s3() {
-        envs.push((
-            "MEDRELAY_STORAGE_URL",
-            format!("s3://{}/medrelay", fresh_bucket().await),
-        ));
-    }
+    let (backend_envs, pg_name) = backend_env(backend).await;
+    envs.extend(backend_envs);
     let env_refs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let server = Server::start(&env_refs);
-    let env = |name: &str| {
-        envs.iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.clone())
-    };
-    let data = server.data();
-    let db = Db::connect(
-        &env("MEDRELAY_DATABASE_URL")
-            .unwrap_or_else(|| format!("sqlite://{}", data.join("medrelay.db").display())),
-    )
-    .await
-    .unwrap();
-    let store = Store::open(
-        &env("MEDRELAY_STORAGE_URL")
-            .unwrap_or_else(|| format!("file://{}", data.join("objects").display())),
-    )
-    .unwrap();
+    let (db, store) = server.backends(&env_refs).await;
 
     let http = reqwest::Client::new();
     let attacker = server.token("attacker");

@@ -21,6 +21,7 @@ mod encryption;
 mod expiry;
 mod fuzz;
 mod hostile;
+mod limits;
 mod local_processor;
 mod operations;
 mod polling;

@@ -51,6 +51,7 @@ async fn insert(db: &Db, id: &JobId) {
             bytes: vec![0; 60],
         },
         now,
+        created_at: now,
         expires_at: now + 3_600_000,
     })
     .await

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use medrelay::model::DocumentResult;
-use medrelay::processor::{Document, MediaType, ProcessError, Processor};
+use medrelay::processor::{CallBudget, Document, MediaType, ProcessError, Processor};
 use medrelay::state::AppState;
 use tokio::sync::Semaphore;
 
@@ -62,7 +62,11 @@ impl Processor for Scripted {
         "scripted"
     }
 
-    fn process(&self, document: Document) -> BoxFuture<'_, Result<DocumentResult, ProcessError>> {
+    fn process<'a>(
+        &'a self,
+        document: Document,
+        budget: &'a dyn CallBudget,
+    ) -> BoxFuture<'a, Result<DocumentResult, ProcessError>> {
         let step = self
             .rules
             .iter()
@@ -78,7 +82,7 @@ impl Processor for Scripted {
                 Step::Hang => futures::future::pending::<()>().await,
             }
             let configured = self.configured.as_ref().expect("installed");
-            configured.process(document).await
+            configured.process(document, budget).await
         })
     }
 }

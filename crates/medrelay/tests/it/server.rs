@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::eventually;
+use crate::harness::{Backend, eventually, fresh_bucket, fresh_postgres};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_medrelay");
 
@@ -16,6 +16,10 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_medrelay");
 pub struct Server {
     pub child: Child,
     pub addr: String,
+    /// The admin address, when `MEDRELAY_ADMIN_LISTEN` was set.
+    pub admin: Option<String>,
+    /// The token secret given in the environment, if any (else the data dir's).
+    jwt_secret: Option<String>,
     data_dir: std::path::PathBuf,
     _owned: Option<tempfile::TempDir>,
 }
@@ -74,9 +78,21 @@ impl Server {
             .to_owned();
         assert!(addr.starts_with("http://127.0.0.1:"), "{addr}");
         assert!(!addr.ends_with(":0"), "the real port is printed: {addr}");
+        let env = |name: &str| envs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        let admin = env("MEDRELAY_ADMIN_LISTEN").map(|_| {
+            let line = rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("serve prints its admin address");
+            line.strip_prefix("admin listening on ")
+                .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+                .trim()
+                .to_owned()
+        });
         Server {
             child,
             addr,
+            admin,
+            jwt_secret: env("MEDRELAY_JWT_SECRET").map(str::to_owned),
             data_dir: data_dir.to_path_buf(),
             _owned: None,
         }
@@ -87,11 +103,13 @@ impl Server {
     }
 
     pub fn token(&self, user: &str) -> String {
-        let out = Command::new(BIN)
-            .args(["token", "--user", user])
-            .env("MEDRELAY_DATA_DIR", self.data())
-            .output()
-            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["token", "--user", user])
+            .env("MEDRELAY_DATA_DIR", self.data());
+        if let Some(secret) = &self.jwt_secret {
+            cmd.env("MEDRELAY_JWT_SECRET", secret);
+        }
+        let out = cmd.output().unwrap();
         assert!(
             out.status.success(),
             "{}",
@@ -131,6 +149,46 @@ impl Server {
             .await
             .unwrap();
         list["jobs"].as_array().unwrap().clone()
+    }
+
+    /// The value of one series of `/metrics` (0 when it was never counted), read where the
+    /// operations routes are served.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let base = self.admin.as_deref().unwrap_or(&self.addr);
+        let text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+
+    /// The server's database and store, opened as it opened them from `envs`.
+    pub async fn backends(
+        &self,
+        envs: &[(&str, &str)],
+    ) -> (medrelay::db::Db, medrelay::store::Store) {
+        let env = |name: &str| {
+            envs.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        };
+        let data = self.data();
+        let db = medrelay::db::Db::connect(
+            &env("MEDRELAY_DATABASE_URL")
+                .unwrap_or_else(|| format!("sqlite://{}", data.join("medrelay.db").display())),
+        )
+        .await
+        .unwrap();
+        let store = medrelay::store::Store::open(
+            &env("MEDRELAY_STORAGE_URL")
+                .unwrap_or_else(|| format!("file://{}", data.join("objects").display())),
+        )
+        .unwrap();
+        (db, store)
     }
 
     /// Peak and current resident memory of the server, in KiB.
@@ -173,4 +231,23 @@ pub async fn wait_terminal(http: &reqwest::Client, addr: &str, token: &str, id: 
         }
     })
     .await
+}
+
+/// The environment of a server on `backend`: a fresh PostgreSQL database and a fresh bucket
+/// where it uses them. Returns the variables and the database's name, to drop at the end.
+pub async fn backend_env(backend: Backend) -> (Vec<(&'static str, String)>, Option<String>) {
+    let mut envs = Vec::new();
+    let mut pg_name = None;
+    if backend.postgres() {
+        let (url, name) = fresh_postgres().await;
+        envs.push(("MEDRELAY_DATABASE_URL", url));
+        pg_name = Some(name);
+    }
+    if backend.s3() {
+        envs.push((
+            "MEDRELAY_STORAGE_URL",
+            format!("s3://{}/medrelay", fresh_bucket().await),
+        ));
+    }
+    (envs, pg_name)
 }

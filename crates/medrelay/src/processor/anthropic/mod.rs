@@ -10,6 +10,7 @@
 
 pub mod prepare;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -19,9 +20,10 @@ use futures::future::BoxFuture;
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 
 use super::sandbox::{Part, Sandbox};
-use super::{Document, ProcessError, Processor, Refusal};
+use super::{CallBudget, Document, ProcessError, Processor, Refusal};
 use crate::config::Settings;
 use crate::model::{DocumentResult, ProcessorInfo};
 
@@ -44,6 +46,8 @@ pub struct AnthropicProcessor {
     model: String,
     max_tokens: u32,
     sandbox: Sandbox,
+    /// Calls in flight in this instance.
+    slots: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for AnthropicProcessor {
@@ -81,6 +85,7 @@ impl AnthropicProcessor {
             model: settings.anthropic_model.clone(),
             max_tokens: settings.anthropic_max_tokens,
             sandbox: Sandbox::from_settings(settings)?,
+            slots: Arc::new(Semaphore::new(settings.anthropic_concurrency as usize)),
         })
     }
 
@@ -109,6 +114,17 @@ impl AnthropicProcessor {
     }
 
     async fn call(&self, body: &Value) -> Result<DocumentResult, ProcessError> {
+        // At most MEDRELAY_ANTHROPIC_CONCURRENCY calls in flight: the others wait here.
+        let _slot = match self.slots.try_acquire() {
+            Ok(slot) => slot,
+            Err(_) => {
+                metrics::counter!("medrelay_provider_call_waits_total").increment(1);
+                self.slots
+                    .acquire()
+                    .await
+                    .map_err(|_| ProcessError::Unmanaged(anyhow::anyhow!("closed call slots")))?
+            }
+        };
         let response = self
             .http
             .post(&self.endpoint)
@@ -143,7 +159,11 @@ impl Processor for AnthropicProcessor {
         "anthropic"
     }
 
-    fn process(&self, document: Document) -> BoxFuture<'_, Result<DocumentResult, ProcessError>> {
+    fn process<'a>(
+        &'a self,
+        document: Document,
+        budget: &'a dyn CallBudget,
+    ) -> BoxFuture<'a, Result<DocumentResult, ProcessError>> {
         async move {
             // Parsed, split and re-encoded in the sandbox child: never in this process.
             let parts = self.sandbox.prepare(&document).await?;
@@ -158,6 +178,8 @@ impl Processor for AnthropicProcessor {
             let mut total_pages = 0u32;
             for (block, pages) in parts {
                 let body = self.request_body(block);
+                // The spend guard first: a refused call is never made.
+                budget.charge().await?;
                 let part = self.call(&body).await?;
                 total_pages += pages;
                 merged = Some(match merged {
