@@ -83,6 +83,31 @@ pub async fn create_document(
         state.settings.upload_min_rate,
     );
     let body = SharedBody::new(request.into_body().into_data_stream(), pace);
+    // A replay of an upload that became a job answers with that job whatever the limits say:
+    // it creates nothing (a phone that lost the 202 of its last upload of the hour gets it).
+    let replayed = async {
+        let Some(key) = idempotency_key(&headers)? else {
+            return Ok(None);
+        };
+        Ok::<_, ApiError>(
+            state
+                .lifecycle
+                .find_by_idempotency_key(&user.id, &key)
+                .await?,
+        )
+    }
+    .await;
+    match replayed {
+        Ok(None) => {}
+        Ok(Some(job)) => {
+            body.drain_in_background();
+            return Ok(accepted(job));
+        }
+        Err(e) => {
+            body.drain_in_background();
+            return Err(e);
+        }
+    }
     // Fair use before a byte is read: held until the job is committed or the upload refused.
     let prefix = state.lifecycle.user_prefix(&user.id);
     let permit = match state.limits.admit_upload(&prefix).await {
@@ -109,14 +134,10 @@ async fn upload(
 ) -> Result<Response, ApiError> {
     let received = receive(state, user, headers, multipart, body.clone(), started).await;
     let (incoming, idempotency_key) = match received {
-        Ok(Received::Stored {
+        Ok(Received {
             incoming,
             idempotency_key,
         }) => (incoming, idempotency_key),
-        Ok(Received::Existing(job)) => {
-            body.drain_in_background();
-            return Ok(accepted(*job));
-        }
         Err(e) if body.too_slow() || matches!(e, ApiError::UploadTimeout) => {
             // Cut off: what it wrote is gone (the write was aborted), and the connection is
             // closed rather than read on.
@@ -134,14 +155,11 @@ async fn upload(
     Ok(accepted(job))
 }
 
-enum Received {
-    /// The whole document is sealed in the store, waiting for its job row.
-    Stored {
-        incoming: Box<Incoming>,
-        idempotency_key: Option<String>,
-    },
-    /// A job with this idempotency key exists: nothing new was stored.
-    Existing(Box<Job>),
+/// The whole document, sealed in the store, waiting for its job row (a twin that committed
+/// first with the same idempotency key wins at the commit).
+struct Received {
+    incoming: Box<Incoming>,
+    idempotency_key: Option<String>,
 }
 
 /// Checks the request and streams its document into the store.
@@ -172,14 +190,6 @@ async fn receive(
     }
 
     let idempotency_key = idempotency_key(headers)?;
-    if let Some(key) = &idempotency_key
-        && let Some(existing) = state
-            .lifecycle
-            .find_by_idempotency_key(&user.id, key)
-            .await?
-    {
-        return Ok(Received::Existing(Box::new(existing)));
-    }
 
     let incoming = if multipart {
         let content_type = headers
@@ -206,7 +216,7 @@ async fn receive(
     } else {
         ingest(state, user, body, limit, started).await?
     };
-    Ok(Received::Stored {
+    Ok(Received {
         incoming: Box::new(incoming),
         idempotency_key,
     })

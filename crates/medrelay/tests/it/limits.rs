@@ -289,9 +289,16 @@ async fn per_user_limits_hold_across_three_instances_on_postgres() {
             .unwrap();
         assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
     }
-    for addr in &addrs[1..] {
-        upload(&http, addr, &alice, document.clone()).await;
-    }
+    let keyed = |addr: &str| {
+        http.post(format!("{addr}/v1/documents"))
+            .bearer_auth(&alice)
+            .header("idempotency-key", "the-last-of-the-hour")
+            .body(document.clone())
+    };
+    upload(&http, &addrs[1], &alice, document.clone()).await;
+    let last = keyed(&addrs[2]).send().await.unwrap();
+    assert_eq!(last.status(), StatusCode::ACCEPTED);
+    let last: Value = last.json().await.unwrap();
     let response = post_document(&http, &addrs[0], &alice, document.clone().into()).await;
     let (retry_after, detail) = assert_too_many(response).await;
     assert!(detail.contains("last hour"), "{detail}");
@@ -300,6 +307,11 @@ async fn per_user_limits_hold_across_three_instances_on_postgres() {
         (3000..=3600).contains(&retry_after),
         "Retry-After {retry_after}"
     );
+    // A phone that lost the 202 of its last upload replays it: it gets its job, not a 429.
+    let replay = keyed(&addrs[0]).send().await.unwrap();
+    assert_eq!(replay.status(), StatusCode::ACCEPTED);
+    let replay: Value = replay.json().await.unwrap();
+    assert_eq!(replay["id"], last["id"]);
 
     // Another user was never affected.
     let bob = servers[2].token("bob");
