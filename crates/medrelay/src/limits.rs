@@ -293,9 +293,10 @@ pub struct Permit {
 impl Permit {
     /// Releases the slot now (dropping the permit releases it too, a moment later).
     pub async fn release(mut self) {
-        let id = std::mem::take(&mut self.slot.id);
-        if let Err(e) = self.slot.db.release_slot(&id).await {
-            tracing::warn!(error = %e, "releasing a slot failed; it lapses by itself");
+        // The id stays until the row is gone: if this future is dropped mid-way (the client
+        // left), or the delete fails, the drop releases it again.
+        if self.slot.db.release_slot(&self.slot.id).await.is_ok() {
+            self.slot.id.clear();
         }
     }
 
@@ -332,7 +333,8 @@ impl Drop for Slot {
     }
 }
 
-/// Charges each provider call of one job to its user's rolling day.
+/// Charges the provider calls of one job's attempt to its user's rolling day, all at once
+/// before the first: a document in three parts with two calls left makes none.
 pub struct ProviderBudget {
     db: Db,
     prefix: UserPrefix,
@@ -340,12 +342,12 @@ pub struct ProviderBudget {
 }
 
 impl CallBudget for ProviderBudget {
-    fn charge(&self) -> BoxFuture<'_, Result<(), ProcessError>> {
+    fn charge(&self, calls: u32) -> BoxFuture<'_, Result<(), ProcessError>> {
         async move {
             let now = now_millis();
             match self
                 .db
-                .charge_provider_call(&self.prefix, now, now - DAY_MS, self.per_day)
+                .charge_provider_calls(&self.prefix, calls, now, now - DAY_MS, self.per_day)
                 .await
             {
                 Ok(Ok(())) => Ok(()),

@@ -131,11 +131,13 @@ impl Db {
         Ok(())
     }
 
-    /// Records one provider call of the user at `now` if fewer than `per_window` were made
-    /// since `since`. `Err(oldest)`: refused, the oldest call in the window was at `oldest`.
-    pub async fn charge_provider_call(
+    /// Records `calls` provider calls of the user at `now` if the calls made since `since`
+    /// leave room for all of them within `per_window`. `Err(oldest)`: refused, none recorded;
+    /// the oldest call in the window was at `oldest`.
+    pub async fn charge_provider_calls(
         &self,
         prefix: &UserPrefix,
+        calls: u32,
         now: i64,
         since: i64,
         per_window: i64,
@@ -146,17 +148,21 @@ impl Db {
                 .bind(prefix)
                 .execute(&mut *tx)
                 .await?;
-            let (calls, oldest): (i64, Option<i64>) = sqlx::query_as(CALLS)
+            let (made, oldest): (i64, Option<i64>) = sqlx::query_as(CALLS)
                 .bind(prefix)
                 .bind(since)
                 .fetch_one(&mut *tx)
                 .await?;
-            let outcome = if calls < per_window {
-                sqlx::query("INSERT INTO provider_calls (user_prefix, called_at) VALUES ($1, $2)")
+            let outcome = if made + i64::from(calls) <= per_window {
+                for _ in 0..calls {
+                    sqlx::query(
+                        "INSERT INTO provider_calls (user_prefix, called_at) VALUES ($1, $2)",
+                    )
                     .bind(prefix)
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
+                }
                 Ok(())
             } else {
                 Err(oldest.unwrap_or(now))

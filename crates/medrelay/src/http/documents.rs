@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::auth::User;
@@ -236,6 +237,8 @@ struct Paced {
 /// What may be drained after an early answer; a client sending more is cut off.
 const DRAIN_MAX_BYTES: usize = 64 * 1024 * 1024;
 const DRAIN_MAX_TIME: Duration = Duration::from_secs(30);
+/// Drains running at once in this instance.
+const MAX_DRAINS: usize = 64;
 
 impl SharedBody {
     fn new(stream: BodyDataStream, pace: Pace) -> Self {
@@ -247,8 +250,17 @@ impl SharedBody {
         self.0.lock().pace.cut_off
     }
 
+    /// Reads what the client still sends, so that it reads our early answer instead of a
+    /// broken pipe. At most [`MAX_DRAINS`] at once per instance: past that the body is
+    /// dropped unread and the connection closes (a flood of refused uploads costs no reading).
     fn drain_in_background(self) {
+        static DRAINS: Semaphore = Semaphore::const_new(MAX_DRAINS);
+        let Ok(permit) = DRAINS.try_acquire() else {
+            metrics::counter!("medrelay_upload_drains_skipped_total").increment(1);
+            return;
+        };
         tokio::spawn(async move {
+            let _permit = permit;
             let mut body = self;
             let _ = tokio::time::timeout(DRAIN_MAX_TIME, async {
                 let mut drained = 0usize;

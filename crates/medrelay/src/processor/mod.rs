@@ -145,7 +145,7 @@ pub enum ProcessError {
 /// Turns one document into a result.
 pub trait Processor: Send + Sync + 'static {
     fn name(&self) -> &'static str;
-    /// Processes `document`, charging every provider call to `budget` before making it.
+    /// Processes `document`, charging its provider calls to `budget` before making any.
     fn process<'a>(
         &'a self,
         document: Document,
@@ -153,17 +153,17 @@ pub trait Processor: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<DocumentResult, ProcessError>>;
 }
 
-/// Asked before every provider call: may this job's user make one more? Refuses with
-/// [`Refusal::DailyLimit`] (the spend guard).
+/// Asked before an attempt calls the provider: may this job's user make `calls` more? Refuses
+/// with [`Refusal::DailyLimit`] (the spend guard), and then none of them is made.
 pub trait CallBudget: Send + Sync {
-    fn charge(&self) -> BoxFuture<'_, Result<(), ProcessError>>;
+    fn charge(&self, calls: u32) -> BoxFuture<'_, Result<(), ProcessError>>;
 }
 
 /// No spend guard: `medrelay process` and processors that call no provider.
 pub struct Unlimited;
 
 impl CallBudget for Unlimited {
-    fn charge(&self) -> BoxFuture<'_, Result<(), ProcessError>> {
+    fn charge(&self, _calls: u32) -> BoxFuture<'_, Result<(), ProcessError>> {
         Box::pin(async { Ok(()) })
     }
 }

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::claude_mock::{Mock, Reply, extraction};
-use crate::fixtures::{png, text_pdf};
+use crate::fixtures::{heavy_pdf, png, text_pdf};
 use crate::harness::{
     Backend, assert_problem, drop_postgres, eventually, fresh_bucket, fresh_postgres, walk,
 };
@@ -112,8 +112,14 @@ async fn one_user_has_at_most_its_cap_of_uploads_in_flight() {
         (refused >= 96.0).then_some(()).ok_or(refused.to_string())
     })
     .await;
-    // The instance sees the cap in flight, no more.
-    assert_eq!(server.metric("medrelay_uploads_in_flight").await, 4.0);
+    // The instance sees the cap in flight, no more (refused ones let go of theirs at once).
+    eventually(Duration::from_secs(5), "4 uploads in flight", || async {
+        let in_flight = server.metric("medrelay_uploads_in_flight").await;
+        (in_flight == 4.0)
+            .then_some(())
+            .ok_or(in_flight.to_string())
+    })
+    .await;
     // Meanwhile another user is not affected.
     let other = upload(&http, &server.addr, &bob, png(200, 100)).await;
     let done = wait_terminal(&http, &server.addr, &bob, other["id"].as_str().unwrap()).await;
@@ -383,7 +389,7 @@ async fn slow_uploads_are_cut_off_and_leave_nothing(backend: Backend) {
     let mut head = text_pdf(&["Referral letter"]);
     head.resize(16 * 1024, b' ');
     let length = 4 * 1024 * 1024;
-    let (dribble, stalled, too_long) = tokio::join!(
+    let (dribble, stalled, too_long, stalled_short) = tokio::join!(
         raw_upload(
             &server.addr,
             &token,
@@ -409,11 +415,22 @@ async fn slow_uploads_are_cut_off_and_leave_nothing(backend: Backend) {
             16 * 1024,
             Duration::from_millis(250)
         ),
+        // Sends nothing after its head: the deadline's timer ends it (long before the 30 s
+        // without a byte would).
+        raw_upload(
+            &short.addr,
+            &short_token,
+            length,
+            &head,
+            0,
+            Duration::from_secs(1)
+        ),
     );
     for (what, (status, took), within) in [
         ("1 byte per second", dribble, 29..45),
         ("a stalled upload", stalled, 29..45),
         ("past the deadline", too_long, 2..10),
+        ("stalled past the deadline", stalled_short, 2..10),
     ] {
         assert!(status.starts_with("HTTP/1.1 408"), "{what}: {status}");
         assert!(
@@ -482,7 +499,7 @@ async fn a_thousand_jobs_against_an_overloaded_claude_keep_the_call_cap() {
         ("MEDRELAY_USER_CONCURRENT_UPLOADS", "8"),
         ("MEDRELAY_USER_ACTIVE_JOBS", "1000"),
         ("MEDRELAY_USER_UPLOADS_PER_HOUR", "1000"),
-        ("MEDRELAY_USER_PROVIDER_CALLS_PER_DAY", "4000"),
+        ("MEDRELAY_USER_PROVIDER_CALLS_PER_DAY", "100000"),
     ]);
     let http = reqwest::Client::new();
     let token = server.token("alice");
@@ -596,8 +613,22 @@ async fn the_spend_guard_fails_a_job_instead_of_calling_claude(backend: Backend)
             .await,
         1.0
     );
-    // A managed failure: the user is not purged, the document is gone.
+    // A managed failure: the user is not purged, and no document is left.
     assert_eq!(server.list_jobs(&alice).await.len(), 3);
+    let (db, store) = server.backends(&env_refs).await;
+    eventually(Duration::from_secs(10), "an empty store", || async {
+        let left = store.list_all().await.unwrap();
+        left.is_empty().then_some(()).ok_or(format!("{left:?}"))
+    })
+    .await;
+    db.close().await;
+    // A PDF sent to Claude in three parts is three calls, charged before the first: with
+    // two left, none is made.
+    let carol = server.token("carol");
+    let job = upload(&http, &server.addr, &carol, heavy_pdf(250, 10)).await;
+    let done = wait_terminal(&http, &server.addr, &carol, job["id"].as_str().unwrap()).await;
+    assert_eq!(done["error"]["code"], "daily-limit-reached", "{done}");
+    assert_eq!(mock.calls().len(), 3, "carol's parts never reached Claude");
     drop(server);
     if let Some(name) = pg_name {
         drop_postgres(&name).await;

@@ -174,12 +174,12 @@ impl Processor for AnthropicProcessor {
                     Part::Jpeg { .. } => (image_block(&bytes), 1),
                 })
                 .collect();
+            // The spend guard first, for every part at once: a refused call is never made.
+            budget.charge(parts.len() as u32).await?;
             let mut merged: Option<DocumentResult> = None;
             let mut total_pages = 0u32;
             for (block, pages) in parts {
                 let body = self.request_body(block);
-                // The spend guard first: a refused call is never made.
-                budget.charge().await?;
                 let part = self.call(&body).await?;
                 total_pages += pages;
                 merged = Some(match merged {
