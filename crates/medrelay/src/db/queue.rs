@@ -14,15 +14,21 @@ use crate::model::JobError;
 
 // A job rescued from a lost lease counts it; one that already lost a lease is not rescued
 // again (a poison pill, ended by `fail_poisoned`).
-const CLAIM_POSTGRES: &str = "UPDATE jobs SET status = 'processing', attempts = attempts + 1, \
-     lost_leases = lost_leases + CASE WHEN status = 'processing' THEN 1 ELSE 0 END, \
-     lease_token = $1, lease_until = $2, updated_at = $3, next_attempt_at = NULL \
-     WHERE id IN (SELECT id FROM jobs WHERE deleted_at IS NULL AND expires_at > $3 \
-        AND attempts < max_attempts \
+//
+// The locked rows are picked once, in a MATERIALIZED CTE: with `WHERE id IN (SELECT … LIMIT n
+// FOR UPDATE SKIP LOCKED)` the planner may run the subquery more than once (as the inner side
+// of a join) and claim more than `n` rows, which then wait for a worker slot without a
+// heartbeat while their leases lapse.
+const CLAIM_POSTGRES: &str = "WITH picked AS MATERIALIZED (SELECT id FROM jobs \
+        WHERE deleted_at IS NULL AND expires_at > $3 AND attempts < max_attempts \
         AND ((status IN ('queued', 'retry_scheduled') AND run_at <= $3) \
              OR (status = 'processing' AND lease_until < $3 AND lost_leases < 1)) \
         ORDER BY run_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
-     RETURNING *";
+     UPDATE jobs SET status = 'processing', attempts = attempts + 1, \
+     lost_leases = lost_leases + CASE WHEN status = 'processing' THEN 1 ELSE 0 END, \
+     lease_token = $1, lease_until = $2, updated_at = $3, next_attempt_at = NULL \
+     FROM picked WHERE jobs.id = picked.id \
+     RETURNING jobs.*";
 
 // SQLite has one writer at a time and runs this statement atomically; no row locks needed.
 const CLAIM_SQLITE: &str = "UPDATE jobs SET status = 'processing', attempts = attempts + 1, \

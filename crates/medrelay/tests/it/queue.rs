@@ -400,6 +400,44 @@ async fn concurrent_claims_never_share_a_job(db: &Db) {
     assert_eq!(seen.len(), 40);
 }
 
+/// Many claimers at once, each asking for what it has free slots for, never get more rows
+/// than they asked for, and never the same row (the PostgreSQL claim picks its rows once).
+async fn many_claimers_never_hold_more_than_their_free_slots(db: &Db) {
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..300 {
+        let id = new_id("m");
+        insert(db, &id).await;
+        ids.insert(id);
+    }
+    let claimers = (0..12).map(|i| async move {
+        let token = lease(&format!("claimer-{i}"));
+        let slots = 1 + (i % 4) as i64;
+        let mut got = Vec::new();
+        loop {
+            let rows = db.claim(&token, LEASE, slots).await.unwrap();
+            assert!(
+                rows.len() as i64 <= slots,
+                "asked for {slots}, claimed {}",
+                rows.len()
+            );
+            if rows.is_empty() {
+                return got;
+            }
+            got.extend(rows.into_iter().map(|r| r.id));
+        }
+    });
+    let mut seen = std::collections::HashSet::new();
+    for id in futures::future::join_all(claimers)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        assert!(seen.insert(id.clone()), "{id} claimed twice");
+    }
+    // (Jobs an earlier case left due may be claimed too.)
+    assert!(ids.is_subset(&seen), "every due job claimed once");
+}
+
 /// Tombstones (ids, times, reason) stay a day, then go.
 async fn tombstones_last_a_day(db: &Db) {
     let (old, fresh) = (new_id("old"), new_id("fresh"));
@@ -454,6 +492,7 @@ async fn rescue_rules_hold_on_sqlite() {
     completion_racing_a_rescue(&db).await;
     a_job_that_lost_its_lease_twice_is_not_claimed_a_third_time(&db).await;
     concurrent_claims_never_share_a_job(&db).await;
+    many_claimers_never_hold_more_than_their_free_slots(&db).await;
     tombstones_last_a_day(&db).await;
 }
 
@@ -464,6 +503,7 @@ async fn rescue_rules_hold_on_postgres() {
     completion_racing_a_rescue(&db).await;
     a_job_that_lost_its_lease_twice_is_not_claimed_a_third_time(&db).await;
     concurrent_claims_never_share_a_job(&db).await;
+    many_claimers_never_hold_more_than_their_free_slots(&db).await;
     tombstones_last_a_day(&db).await;
     db.close().await;
     harness::drop_postgres(&name).await;
