@@ -22,16 +22,57 @@ pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result
     }
 }
 
-/// One sweep. Returns how many jobs it expired.
+/// One sweep: every step runs even when an earlier one failed (each failure is logged and
+/// counted, and the next round retries). Returns how many jobs it expired, or the first error.
 pub async fn sweep(state: &AppState) -> anyhow::Result<u64> {
     let lifecycle = &state.lifecycle;
     let now = now_millis();
-    let expired = lifecycle.expire_due(now).await?;
-    lifecycle.drop_old_tombstones(now).await?;
-    lifecycle.sweep_objects(now).await?;
+    let mut first_error: Option<anyhow::Error> = None;
+    let mut step = |what: &str, outcome: anyhow::Result<()>| {
+        if let Err(e) = outcome {
+            crate::store::sweep_failed(what, &format!("{e:#}"));
+            first_error.get_or_insert(e);
+        }
+    };
+    let expired = match lifecycle.expire_due(now).await {
+        Ok(n) => n,
+        Err(e) => {
+            step("ending expired jobs", Err(e.into()));
+            0
+        }
+    };
+    step(
+        "dropping old tombstones",
+        lifecycle
+            .drop_old_tombstones(now)
+            .await
+            .map(drop)
+            .map_err(Into::into),
+    );
+    step(
+        "deleting expired objects",
+        lifecycle.sweep_objects(now).await.map_err(Into::into),
+    );
     // Fair-use rows that lapsed: slots an instance did not release, day-old provider calls.
-    state.limits.drop_lapsed(now).await?;
+    step(
+        "dropping lapsed fair-use rows",
+        state
+            .limits
+            .drop_lapsed(now)
+            .await
+            .map(drop)
+            .map_err(Into::into),
+    );
     // A purge whose purger died is picked up here too.
-    crate::purge::run_pending(lifecycle).await?;
-    Ok(expired)
+    step(
+        "finishing pending purges",
+        crate::purge::run_pending(lifecycle)
+            .await
+            .map(drop)
+            .map_err(Into::into),
+    );
+    match first_error {
+        None => Ok(expired),
+        Some(e) => Err(e),
+    }
 }

@@ -64,17 +64,31 @@ impl Lifecycle {
             .count();
         metrics::gauge!("medrelay_objects_past_ttl").set(past as f64);
         let mut oldest_ms = 0i64;
+        let mut oldest_seen_ms = 0i64;
         let mut deleted = 0u64;
         for (path, modified) in objects {
             let age = now - modified;
+            oldest_seen_ms = oldest_seen_ms.max(age);
             if age >= ttl {
-                store.delete(&path).await.map_err(Error::Unavailable)?;
-                store.prune_empty(&path);
-                deleted += 1;
+                // One object that cannot be deleted must not shield the others: it is counted,
+                // logged, and tried again next round.
+                match store.delete(&path).await {
+                    Ok(()) => {
+                        store.prune_empty(&path);
+                        deleted += 1;
+                    }
+                    Err(e) => {
+                        crate::store::sweep_failed("deleting an expired object", &format!("{e:#}"))
+                    }
+                }
             } else {
                 oldest_ms = oldest_ms.max(age);
             }
         }
+        // The oldest temporary byte this round saw, deleted or not: past TTL + one sweep
+        // interval means deletion is failing.
+        metrics::gauge!("medrelay_oldest_temporary_object_seconds")
+            .set(oldest_seen_ms as f64 / 1000.0);
         if deleted > 0 {
             metrics::counter!("medrelay_deletions_total", "reason" => "object-expired")
                 .increment(deleted);

@@ -22,6 +22,12 @@ use self::local::{Local, LocalWriter};
 use self::s3::{S3, S3Upload};
 use crate::ids::{JobId, UserPrefix};
 
+/// Logs and counts one failed step of a sweep; the sweep goes on and the next round retries.
+pub(crate) fn sweep_failed(what: &str, error: &dyn std::fmt::Display) {
+    metrics::counter!("medrelay_sweep_failures_total").increment(1);
+    tracing::warn!(error = %error, "{what} failed; the next sweep retries");
+}
+
 /// The object store. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -187,6 +193,15 @@ impl Store {
         match first_error {
             None => Ok(deleted),
             Some(e) => Err(e).context("deleting objects by prefix"),
+        }
+    }
+
+    /// The same store seen through `wrap` (tests inject failures this way).
+    #[doc(hidden)]
+    pub fn wrapped(self, wrap: impl FnOnce(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore>) -> Store {
+        Store {
+            inner: wrap(self.inner),
+            backend: self.backend,
         }
     }
 

@@ -76,21 +76,36 @@ impl S3 {
             if now_ms - marker.last_modified.timestamp_millis() < older_than_ms {
                 continue;
             }
+            // Each failure is counted and the rest goes on; the marker stays until its upload
+            // is aborted (or gone), so the next round tries again.
             let id = match self.s3.get(&marker.location).await {
                 Ok(got) => match got.bytes().await {
                     Ok(id) => String::from_utf8_lossy(&id).into_owned(),
-                    Err(_) => continue,
+                    Err(e) => {
+                        super::sweep_failed("reading an upload marker", &e);
+                        continue;
+                    }
                 },
-                Err(_) => continue,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => {
+                    super::sweep_failed("reading an upload marker", &e);
+                    continue;
+                }
             };
             let target = Path::from_iter(marker.location.parts().skip(1));
             match self.s3.abort_multipart(&target, &id).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => tracing::warn!(error = %e, "aborting a stale multipart upload failed"),
+                Err(e) => {
+                    super::sweep_failed("aborting a stale multipart upload", &e);
+                    continue;
+                }
             }
             match self.s3.delete(&marker.location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e).context("deleting an upload marker"),
+                Err(e) => {
+                    super::sweep_failed("deleting an upload marker", &e);
+                    continue;
+                }
             }
             aborted += 1;
         }

@@ -27,5 +27,6 @@ mod operations;
 mod polling;
 mod purge;
 mod queue;
+mod sweeping;
 mod tolerant;
 mod upload;

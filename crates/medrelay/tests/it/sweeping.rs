@@ -1,0 +1,178 @@
+//! The sweeper goes on: an object it cannot delete is counted, logged and retried next round,
+//! and never shields the objects listed after it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use medrelay::clock::now_millis;
+use medrelay::config::Settings;
+use medrelay::crypto::Keyring;
+use medrelay::db::Db;
+use medrelay::lifecycle::{Lifecycle, Rules};
+use medrelay::store::Store;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+
+/// A store that refuses to delete the keys containing `refused` while `refusing` is set.
+#[derive(Debug)]
+struct RefusingDeletes {
+    inner: Arc<dyn ObjectStore>,
+    refused: String,
+    refusing: Arc<AtomicBool>,
+}
+
+impl fmt::Display for RefusingDeletes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RefusingDeletes({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for RefusingDeletes {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        let inner = self.inner.clone();
+        let refused = self.refused.clone();
+        let refusing = self.refusing.clone();
+        locations
+            .then(move |location| {
+                let (inner, refused, refusing) = (inner.clone(), refused.clone(), refusing.clone());
+                async move {
+                    let location = location?;
+                    if refusing.load(Ordering::SeqCst) && location.as_ref().contains(&refused) {
+                        return Err(object_store::Error::Generic {
+                            store: "refusing",
+                            source: "this object cannot be deleted now".into(),
+                        });
+                    }
+                    inner.delete(&location).await.map(|()| location)
+                }
+            })
+            .boxed()
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeletable_object_does_not_stop_the_sweep_and_is_retried() {
+    let metrics = medrelay::telemetry::Metrics::global();
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::connect(&format!("sqlite://{}", dir.path().join("s.db").display()))
+        .await
+        .unwrap();
+    let refusing = Arc::new(AtomicBool::new(true));
+    let store = Store::open(&format!("file://{}", dir.path().join("objects").display()))
+        .unwrap()
+        .wrapped(|inner| {
+            Arc::new(RefusingDeletes {
+                inner,
+                refused: "stuck".into(),
+                refusing: refusing.clone(),
+            })
+        });
+    // Three orphans (no job rows), listed in key order with the stuck one in the middle.
+    for key in [
+        "a/orphan-1/document",
+        "b/stuck/document",
+        "c/orphan-2/document",
+    ] {
+        store
+            .put(&Path::from(key), Bytes::from_static(b"sealed bytes"))
+            .await
+            .unwrap();
+    }
+    let mut settings = Settings::defaults();
+    settings.temp_ttl = Duration::from_millis(50);
+    let keyring = Keyring::parse(&format!("k1:{}", base64_of([7u8; 32]))).unwrap();
+    let lifecycle = Lifecycle::new(
+        db.clone(),
+        store.clone(),
+        keyring,
+        Rules::from_settings(&settings),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // The round goes on past the object it cannot delete, and says the round failed nowhere
+    // that would stop the next one.
+    lifecycle.sweep_objects(now_millis()).await.unwrap();
+    let left: Vec<String> = store
+        .list_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(p, _)| p.to_string())
+        .collect();
+    assert_eq!(left, vec!["b/stuck/document".to_owned()]);
+    let failures = metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix("medrelay_sweep_failures_total "))
+        .map(|v| v.trim().parse::<f64>().unwrap());
+    assert!(
+        failures >= Some(1.0),
+        "the failure is counted: {failures:?}"
+    );
+
+    // The next round deletes it once it can be deleted.
+    refusing.store(false, Ordering::SeqCst);
+    lifecycle.sweep_objects(now_millis()).await.unwrap();
+    assert!(store.list_all().await.unwrap().is_empty());
+    db.close().await;
+}
+
+fn base64_of(bytes: [u8; 32]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
