@@ -63,6 +63,11 @@ pub async fn sweep(state: &AppState) -> anyhow::Result<u64> {
             .map(drop)
             .map_err(Into::into),
     );
+    // Keys and results cleared since the last round leave SQLite's WAL.
+    step(
+        "emptying the database's write-ahead log",
+        lifecycle.db().forget_history().await.map_err(Into::into),
+    );
     // A purge whose purger died is picked up here too.
     step(
         "finishing pending purges",

@@ -132,7 +132,10 @@ impl Db {
                 // promises; FULL would add an fsync per commit for power loss only.
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(15))
-                .foreign_keys(true);
+                .foreign_keys(true)
+                // Deleted and overwritten content (cleared keys, results) is zeroed in the
+                // page, not left in free space.
+                .pragma("secure_delete", "ON");
             if let Some(parent) = options.get_filename().parent()
                 && !parent.as_os_str().is_empty()
             {
@@ -182,6 +185,18 @@ impl Db {
             .execute(p)
             .await
             .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// On SQLite, copies the WAL into the database and empties it, so that the old page
+    /// images it holds (keys and results before they were cleared) are gone; PostgreSQL's WAL
+    /// is the operator's to manage (docs/operations.md).
+    pub async fn forget_history(&self) -> Result<()> {
+        if let Db::Sqlite(p) = self {
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(p)
+                .await?;
+        }
         Ok(())
     }
 

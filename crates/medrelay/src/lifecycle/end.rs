@@ -197,6 +197,10 @@ impl Lifecycle {
             );
             done += 1;
         }
+        if done > 0 {
+            // Forgotten means forgotten in SQLite's WAL too.
+            self.db().forget_history().await?;
+        }
         Ok(done)
     }
 }

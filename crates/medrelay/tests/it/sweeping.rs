@@ -1,5 +1,6 @@
 //! The sweeper goes on: an object it cannot delete is counted, logged and retried next round,
-//! and never shields the objects listed after it.
+//! and never shields the objects listed after it. What it forgets is forgotten in SQLite's
+//! files too.
 
 use std::fmt;
 use std::sync::Arc;
@@ -175,4 +176,88 @@ async fn an_undeletable_object_does_not_stop_the_sweep_and_is_retried() {
 fn base64_of(bytes: [u8; 32]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Keys and results cleared from rows are gone from SQLite's files: `secure_delete` zeroes
+/// freed cells and overflow pages (without it, a sealed result's overflow pages go to the free
+/// list as they were: this test fails), and the sweeper's checkpoint empties the WAL that held
+/// the pages as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleared_keys_and_results_survive_nowhere_in_sqlite_files() {
+    use medrelay::crypto::WrappedKey;
+    use medrelay::db::NewJob;
+    use medrelay::ids::{JobId, UserId, UserPrefix};
+    use medrelay::model::DeletionReason;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.db");
+    let db = Db::connect(&format!("sqlite://{}", file.display()))
+        .await
+        .unwrap();
+    let canary: Vec<u8> = b"WRAPPED-KEY-CANARY-0123456789-".repeat(2);
+    let files_hold_canary = || {
+        ["f.db", "f.db-wal"].iter().any(|name| {
+            std::fs::read(dir.path().join(name))
+                .is_ok_and(|bytes| bytes.windows(canary.len()).any(|w| w == canary))
+        })
+    };
+    // A page of jobs, half of them cleared: the cleared ones' keys must go.
+    let now = now_millis();
+    let ids: Vec<JobId> = (0..20)
+        .map(|i| JobId::from_raw(format!("job-{i:02}")))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let bytes = if i % 2 == 0 {
+            canary.clone()
+        } else {
+            vec![b'.'; 60]
+        };
+        db.insert_job(&NewJob {
+            id: id.clone(),
+            user_id: UserId::from_raw("u"),
+            user_prefix: UserPrefix::from_raw("p"),
+            media_type: "application/pdf",
+            size_bytes: 1,
+            max_attempts: 4,
+            idempotency_key: None,
+            document_key: WrappedKey {
+                kid: "k".into(),
+                bytes,
+            },
+            now,
+            created_at: now,
+            expires_at: now + 3_600_000,
+        })
+        .await
+        .unwrap();
+    }
+    assert!(
+        files_hold_canary(),
+        "the key is written (the check can see it)"
+    );
+    // Half of them succeed with a sealed result large enough for overflow pages, which a
+    // cleared column hands to the free list as they were.
+    let lease = medrelay::ids::LeaseToken::from_raw("l");
+    let claimed = db.claim(&lease, Duration::from_secs(60), 20).await.unwrap();
+    assert_eq!(claimed.len(), 20);
+    let result = canary.repeat(200);
+    for id in ids.iter().skip(1).step_by(2) {
+        let key = WrappedKey {
+            kid: "k".into(),
+            bytes: vec![b'.'; 60],
+        };
+        assert!(db.complete(id, &lease, &result, &key).await.unwrap());
+    }
+    for id in &ids {
+        db.tombstone_job(id, DeletionReason::DeletedByUser)
+            .await
+            .unwrap()
+            .expect("a live job");
+    }
+    db.forget_history().await.unwrap();
+    assert!(
+        !files_hold_canary(),
+        "a cleared key or result is left in the files"
+    );
+    db.close().await;
 }
