@@ -27,8 +27,8 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
         .await
         .context("opening the job database")?;
     let store = Store::open(&settings.storage_url()).context("opening the object store")?;
-    let auth = Authenticator::new(&settings).context("loading token keys")?;
     let keyring = crate::keys::load_keyring(&settings).context("loading the master keys")?;
+    let auth = Authenticator::new(&settings).context("loading token keys")?;
     let processor = crate::processor::configured(&settings)?;
     let limits = Limits::new(db.clone(), &settings);
     let lifecycle = Lifecycle::new(db, store, keyring, Rules::from_settings(&settings))?;

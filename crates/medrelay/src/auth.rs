@@ -94,6 +94,14 @@ pub fn hs256_secret(settings: &Settings) -> anyhow::Result<Option<KeyBytes>> {
         // An identity provider signs the tokens; no local secret is made up.
         return Ok(None);
     }
+    // Every instance of a shared deployment must accept the same tokens.
+    anyhow::ensure!(
+        !settings.is_shared_deployment(),
+        "no token secret is configured, and with PostgreSQL or S3 none is generated (every \
+         instance must accept the same tokens): set MEDRELAY_JWKS_URL with MEDRELAY_JWT_ISSUER \
+         and MEDRELAY_JWT_AUDIENCE for an identity provider, or MEDRELAY_JWT_SECRET (for example \
+         the part after the colon of a line `medrelay keygen` prints) on every instance"
+    );
     keys::load_or_create(&settings.data_dir.join("jwt.secret"), 32, "token secret").map(Some)
 }
 

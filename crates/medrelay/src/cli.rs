@@ -66,6 +66,8 @@ pub enum Command {
     PurgeUser { id: String },
     /// Print the OpenAPI document.
     Openapi,
+    /// Print a fresh master key line (`kid:base64`) for MEDRELAY_MASTER_KEY.
+    Keygen,
 }
 
 impl Cli {
@@ -92,6 +94,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Openapi => {
             let text = serde_json::to_string_pretty(&medrelay::http::openapi())?;
             println!("{text}");
+            Ok(())
+        }
+        Command::Keygen => {
+            let today = medrelay::clock::now().date();
+            let line = medrelay::keys::new_key_line(&format!(
+                "{:04}{:02}{:02}",
+                today.year(),
+                u8::from(today.month()),
+                today.day()
+            ))?;
+            println!("{line}");
             Ok(())
         }
         Command::Serve => serve(cli.settings()?).await,

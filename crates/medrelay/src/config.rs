@@ -526,6 +526,16 @@ impl Settings {
         self.upload_deadline.min(self.temp_ttl)
     }
 
+    /// Whether this is a shared deployment (PostgreSQL or S3), where every instance must use
+    /// the same configured keys and none may be generated.
+    pub fn is_shared_deployment(&self) -> bool {
+        self.database_url()
+            .split(':')
+            .next()
+            .is_some_and(|scheme| scheme.starts_with("postgres"))
+            || self.storage_url().starts_with("s3://")
+    }
+
     pub fn database_url(&self) -> String {
         self.database_url
             .clone()

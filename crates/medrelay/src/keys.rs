@@ -21,13 +21,22 @@ use crate::crypto::Keyring;
 use crate::ids::{UserId, UserPrefix};
 
 /// The configured master keys (`MEDRELAY_MASTER_KEY`), else the key file, generated with mode
-/// 0600 when it does not exist (development only).
+/// 0600 when it does not exist in development (SQLite and a local folder); refused otherwise.
 pub fn load_keyring(settings: &Settings) -> anyhow::Result<Keyring> {
     if let Some(inline) = &settings.master_key {
         return Keyring::parse(inline.expose()).context("reading MEDRELAY_MASTER_KEY");
     }
     let file = settings.master_key_file();
     if !file.exists() {
+        // Instances sharing a database and a bucket must share their keys: a key made up here
+        // would leave the others unable to read this instance's jobs.
+        anyhow::ensure!(
+            !settings.is_shared_deployment(),
+            "no master key is configured, and with PostgreSQL or S3 none is generated (every \
+             instance must use the same one): set MEDRELAY_MASTER_KEY to the line that \
+             `medrelay keygen` prints (the same on every instance), or MEDRELAY_MASTER_KEY_FILE \
+             to a file holding it"
+        );
         load_or_create(&file, 32, "master key")?;
     }
     let text = Zeroizing::new(
@@ -127,6 +136,19 @@ pub fn user_prefix(key: &hmac::Key, user_id: &UserId) -> UserPrefix {
     )
 }
 
+/// A fresh master key line, `kid:base64` (the id names the day it was made, plus 4 random hex
+/// digits so that two keys made the same day differ): what `medrelay keygen` prints.
+pub fn new_key_line(today: &str) -> anyhow::Result<String> {
+    let material = Zeroizing::new(random_bytes(32)?);
+    let tag = random_bytes(2)?;
+    Ok(format!(
+        "k{today}-{:02x}{:02x}:{}",
+        tag[0],
+        tag[1],
+        STANDARD.encode(material.as_slice())
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +165,18 @@ mod tests {
         assert_eq!(first.expose(), second.expose());
         assert_eq!(first.expose().len(), 32);
         assert_eq!(format!("{first:?}"), "KeyBytes([redacted])");
+    }
+
+    #[test]
+    fn a_new_key_line_is_a_keyring_of_one_fresh_key() {
+        let a = new_key_line("20261130").unwrap();
+        let b = new_key_line("20261130").unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with("k20261130-"), "{a}");
+        let keyring = Keyring::parse(&a).unwrap();
+        assert_eq!(keyring.current_id(), a.split(':').next().unwrap());
+        // Two lines make a keyring (the rotation's "add a key").
+        assert!(Keyring::parse(&format!("{a},{b}")).is_ok());
     }
 
     #[test]

@@ -222,15 +222,15 @@ async fn bad_tokens_get_401_as_problem_json(backend: Backend) {
     };
     let expired = {
         // Minted with the right key but already two minutes past its expiry.
-        let secret = std::fs::read_to_string(app.data_dir.path().join("jwt.secret")).unwrap();
-        let key = base64::engine::general_purpose::STANDARD
-            .decode(secret.trim())
-            .unwrap();
+        let key = medrelay::auth::hs256_secret(&app.settings)
+            .unwrap()
+            .expect("an HS256 secret");
+        let key = key.expose();
         let claims = serde_json::json!({"sub": "alice", "exp": medrelay::clock::now_secs() - 120});
         jsonwebtoken::encode(
             &jsonwebtoken::Header::default(),
             &claims,
-            &jsonwebtoken::EncodingKey::from_secret(&key).unwrap(),
+            &jsonwebtoken::EncodingKey::from_secret(key).unwrap(),
         )
         .unwrap()
     };

@@ -647,3 +647,68 @@ async fn after_a_sigkill_nothing_outlives_the_ttl() {
     })
     .await;
 }
+
+/// A shared deployment (PostgreSQL or S3) makes up no key: `serve` refuses to start without a
+/// master key and a token configuration, says how to make a key, and starts with the line
+/// `medrelay keygen` printed. Development (SQLite and a folder) still generates them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_deployment_refuses_to_make_up_keys() {
+    let (url, name) = crate::harness::fresh_postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keygen = Command::new(BIN).arg("keygen").output().unwrap();
+    assert!(keygen.status.success());
+    let line = String::from_utf8(keygen.stdout).unwrap().trim().to_owned();
+    let (kid, key) = line.split_once(':').expect("kid:base64");
+    assert!(kid.starts_with('k') && key.len() == 44, "{line}");
+    let again = Command::new(BIN).arg("keygen").output().unwrap();
+    assert_ne!(String::from_utf8(again.stdout).unwrap().trim(), line);
+
+    let serve = |envs: &[(&str, &str)]| {
+        let mut command = Command::new(BIN);
+        command
+            .arg("serve")
+            .env("MEDRELAY_LISTEN", "127.0.0.1:0")
+            .env("MEDRELAY_DATA_DIR", dir.path().join("data"))
+            .env("MEDRELAY_DATABASE_URL", &url)
+            .env_remove("MEDRELAY_MASTER_KEY")
+            .env_remove("MEDRELAY_JWT_SECRET");
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        command
+    };
+    for (envs, names) in [
+        (vec![], "MEDRELAY_MASTER_KEY"),
+        (vec![("MEDRELAY_JWT_SECRET", key)], "MEDRELAY_MASTER_KEY"),
+        (
+            vec![("MEDRELAY_MASTER_KEY", line.as_str())],
+            "MEDRELAY_JWT_SECRET",
+        ),
+    ] {
+        let out = serve(&envs).output().unwrap();
+        assert!(!out.status.success(), "started without {names}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(names) && err.contains("keygen"), "{err}");
+    }
+    assert!(
+        !dir.path().join("data/master.key").exists()
+            && !dir.path().join("data/jwt.secret").exists(),
+        "nothing was generated"
+    );
+    // With both, it starts.
+    let mut child = serve(&[("MEDRELAY_MASTER_KEY", &line), ("MEDRELAY_JWT_SECRET", key)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.starts_with("listening on "), "{first}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    crate::harness::drop_postgres(&name).await;
+}

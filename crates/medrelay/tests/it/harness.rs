@@ -164,6 +164,18 @@ pub async fn test_settings(backend: Backend, data_dir: &Path) -> (Settings, Opti
     if backend.s3() {
         s.storage_url = Some(format!("s3://{}/medrelay", fresh_bucket().await));
     }
+    if s.is_shared_deployment() {
+        // A shared deployment generates no keys: configure them, as an operator must.
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        s.master_key = Some(medrelay::config::Secret::new(format!(
+            "test:{}",
+            b64.encode(rand::random::<[u8; 32]>())
+        )));
+        s.jwt_secret = Some(medrelay::config::Secret::new(
+            b64.encode(rand::random::<[u8; 32]>()),
+        ));
+    }
     (s, pg_name)
 }
 

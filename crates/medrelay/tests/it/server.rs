@@ -59,6 +59,23 @@ impl Server {
         for (k, v) in envs {
             cmd.env(k, v);
         }
+        // A shared deployment (PostgreSQL or S3) generates no keys: give it the data dir's
+        // own, derived from its path, so that a restart on the same dir finds them again.
+        let env = |name: &str| envs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        let shared = env("MEDRELAY_DATABASE_URL").is_some_and(|u| u.starts_with("postgres"))
+            || env("MEDRELAY_STORAGE_URL").is_some_and(|u| u.starts_with("s3://"));
+        let mut jwt_secret = env("MEDRELAY_JWT_SECRET").map(str::to_owned);
+        if shared && env("MEDRELAY_MASTER_KEY").is_none() {
+            cmd.env(
+                "MEDRELAY_MASTER_KEY",
+                format!("test:{}", derived_secret(data_dir, "master key")),
+            );
+        }
+        if shared && jwt_secret.is_none() && env("MEDRELAY_JWKS_URL").is_none() {
+            let secret = derived_secret(data_dir, "token secret");
+            cmd.env("MEDRELAY_JWT_SECRET", &secret);
+            jwt_secret = Some(secret);
+        }
         let mut child = cmd.spawn().expect("starting medrelay serve");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -78,7 +95,6 @@ impl Server {
             .to_owned();
         assert!(addr.starts_with("http://127.0.0.1:"), "{addr}");
         assert!(!addr.ends_with(":0"), "the real port is printed: {addr}");
-        let env = |name: &str| envs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
         let admin = env("MEDRELAY_ADMIN_LISTEN").map(|_| {
             let line = rx
                 .recv_timeout(Duration::from_secs(5))
@@ -92,7 +108,7 @@ impl Server {
             child,
             addr,
             admin,
-            jwt_secret: env("MEDRELAY_JWT_SECRET").map(str::to_owned),
+            jwt_secret,
             data_dir: data_dir.to_path_buf(),
             _owned: None,
         }
@@ -250,4 +266,13 @@ pub async fn backend_env(backend: Backend) -> (Vec<(&'static str, String)>, Opti
         ));
     }
     (envs, pg_name)
+}
+
+/// 32 bytes derived from a data dir's path and `what`, in base64: stable for the dir.
+fn derived_secret(data_dir: &Path, what: &str) -> String {
+    use base64::Engine;
+    let mut input = data_dir.as_os_str().as_encoded_bytes().to_vec();
+    input.extend_from_slice(what.as_bytes());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &input);
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
 }
