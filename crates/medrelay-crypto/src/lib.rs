@@ -200,6 +200,12 @@ impl Keyring {
         &self.keks.last().expect("a keyring has a key").id
     }
 
+    /// Whether a master key of this id is configured (an unknown id is a configuration
+    /// problem, not tampering).
+    pub fn knows(&self, kid: &str) -> bool {
+        self.keks.iter().any(|k| k.id == kid)
+    }
+
     pub fn prefix_source(&self) -> &KeyBytes {
         &self.prefix_source
     }

@@ -194,5 +194,7 @@ async fn process(settings: Settings, file: &PathBuf) -> anyhow::Result<()> {
         }
         Err(ProcessError::Retry { reason, .. }) => anyhow::bail!("temporary failure: {reason}"),
         Err(ProcessError::Unmanaged(e)) => Err(e.context("processing failed")),
+        // A file from disk is never sealed: no master key is asked for.
+        Err(e @ ProcessError::KeyMissing { .. }) => Err(e.into()),
     }
 }

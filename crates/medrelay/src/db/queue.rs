@@ -215,16 +215,17 @@ impl Db {
         Ok(done == 1)
     }
 
-    /// Hands a job this instance will not finish (shutdown) back to the queue, so that another
-    /// instance takes it at once. A graceful hand-back does not use up an attempt: a deploy
-    /// must not exhaust a job's retries (a crash, which cannot hand back, still counts).
-    pub async fn release(&self, id: &JobId, lease_token: &LeaseToken) -> Result<bool> {
-        let sql = "UPDATE jobs SET status = 'queued', attempts = attempts - 1, run_at = 0, \
+    /// Hands a job this instance will not finish back to the queue, due at `run_at` (0: at
+    /// once, as on shutdown). A hand-back does not use up an attempt: a deploy or a missing
+    /// master key must not exhaust a job's retries (a crash, which cannot hand back, counts).
+    pub async fn release(&self, id: &JobId, lease_token: &LeaseToken, run_at: i64) -> Result<bool> {
+        let sql = "UPDATE jobs SET status = 'queued', attempts = attempts - 1, run_at = $3, \
                    lease_token = NULL, lease_until = NULL \
                    WHERE id = $1 AND lease_token = $2 AND status = 'processing'";
         let done = on_pool!(self, |p| sqlx::query(sql)
             .bind(id)
             .bind(lease_token)
+            .bind(run_at)
             .execute(p)
             .await
             .map(|r| r.rows_affected()))?;

@@ -80,7 +80,7 @@ impl Lifecycle {
     /// Hands a job this process will not finish (shutdown) back to the queue. The attempt is
     /// not counted: a deploy must not exhaust a job's retries.
     pub async fn hand_back(&self, job: &Claimed) {
-        if let Err(e) = self.db().release(&job.row.id, &job.lease).await {
+        if let Err(e) = self.db().release(&job.row.id, &job.lease, 0).await {
             tracing::warn!(error = %e, "releasing a lease failed");
         }
     }
@@ -126,6 +126,27 @@ impl Lifecycle {
             Err(ProcessError::Abort(refusal)) => {
                 self.fail(job, Failure::Refused(refusal.job_error()))
                     .await?
+            }
+            Err(ProcessError::KeyMissing { kid }) => {
+                // Not the document's fault, not tampering: handed back, the attempt not
+                // counted, and tried again after the first retry delay (another instance may
+                // have the key, or this one after its configuration is fixed). The TTL ends it
+                // if the key never appears.
+                super::key_missing(&kid, "opening a document");
+                let delay = self
+                    .rules()
+                    .retry_delays
+                    .first()
+                    .copied()
+                    .unwrap_or(Duration::from_secs(15));
+                if self
+                    .db()
+                    .release(&row.id, lease, now_millis() + millis(delay))
+                    .await?
+                {
+                    self.publish(&row.id);
+                }
+                return Ok(());
             }
             Err(ProcessError::Unmanaged(cause)) => {
                 tracing::error!(error = %format!("{cause:#}"), "unmanaged failure: purging the user");

@@ -184,6 +184,16 @@ impl Lifecycle {
     }
 }
 
+/// Says, at `error` and in a metric, which master key id an instance lacks.
+fn key_missing(kid: &str, what: &str) {
+    metrics::counter!("medrelay_master_key_missing_total", "kid" => kid.to_owned()).increment(1);
+    tracing::error!(
+        kid,
+        "{what}: its master key is not configured on this instance; configure the same \
+         MEDRELAY_MASTER_KEY on every instance"
+    );
+}
+
 /// Logs a failed side effect that a later sweep repairs.
 fn log_repairable(what: &str, e: &anyhow::Error) {
     tracing::warn!(error = %format!("{e:#}"), "{what} failed; the sweeper will retry");

@@ -80,6 +80,9 @@ impl Lifecycle {
         let wrapped = row.document_key().ok_or_else(|| {
             ProcessError::Unmanaged(anyhow::anyhow!("the job's document key is missing"))
         })?;
+        if !self.inner.keyring.knows(&wrapped.kid) {
+            return Err(ProcessError::KeyMissing { kid: wrapped.kid });
+        }
         let plaintext = self
             .inner
             .keyring
@@ -109,16 +112,30 @@ impl Lifecycle {
         })
     }
 
-    /// Opens a stored result; `None` when the row holds none.
+    /// Opens a stored result; `None` when the row holds none. `Err(Ok(kid))`: its master
+    /// key is not configured here (a configuration problem); `Err(Err(_))`: it does not
+    /// authenticate (tampering).
     pub(super) fn open_result(
         &self,
         row: &JobRow,
-    ) -> Result<Option<Zeroizing<Vec<u8>>>, IntegrityError> {
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, Result<String, IntegrityError>> {
         let (Some(sealed), Some(wrapped)) = (&row.result, row.result_key()) else {
             return Ok(None);
         };
+        if !self.inner.keyring.knows(&wrapped.kid) {
+            return Err(Ok(wrapped.kid));
+        }
+        self.open_known_result(row, sealed, &wrapped).map_err(Err)
+    }
+
+    fn open_known_result(
+        &self,
+        row: &JobRow,
+        sealed: &[u8],
+        wrapped: &WrappedKey,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, IntegrityError> {
         let binding = binding(&row.user_prefix, &row.id, RESULT_KIND);
-        let key = self.inner.keyring.unwrap_key(&wrapped, &binding)?;
+        let key = self.inner.keyring.unwrap_key(wrapped, &binding)?;
         crypto::open(&key, &binding, sealed).map(Some)
     }
 }

@@ -69,7 +69,15 @@ impl Lifecycle {
         let json = match self.open_result(row) {
             Ok(Some(json)) => json,
             Ok(None) => return Ok(job),
-            Err(integrity) => {
+            Err(Ok(kid)) => {
+                // A configuration problem, not tampering: this instance lacks a master key the
+                // others have. The app is told to try again (503), nothing is purged.
+                super::key_missing(&kid, "opening a result");
+                return Err(Error::Unavailable(anyhow::anyhow!(
+                    "the result's master key {kid:?} is not configured here"
+                )));
+            }
+            Err(Err(integrity)) => {
                 // An unmanaged failure: the database queues a purge of this user once the mark
                 // commits, which is retried until it does (never lost to a hiccup).
                 let lifecycle = self.clone();

@@ -140,6 +140,12 @@ pub enum ProcessError {
     /// Anything unexpected: a broken invariant, a failed integrity check.
     #[error("unmanaged failure: {0:#}")]
     Unmanaged(anyhow::Error),
+    /// The document's data key was wrapped by a master key this instance does not have (a
+    /// rotation in progress, a misconfigured instance): not the document's fault and not
+    /// tampering. The job is handed back, its attempt not counted, until the key appears or
+    /// its lifetime ends.
+    #[error("the master key {kid:?} is not configured here")]
+    KeyMissing { kid: String },
 }
 
 /// Turns one document into a result.
