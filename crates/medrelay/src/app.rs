@@ -124,8 +124,10 @@ pub async fn start_with(state: AppState, listener: TcpListener) -> anyhow::Resul
             shutdown.clone(),
         );
     }
-    if roles.api && state.lifecycle.db().has_notifications() {
-        // On PostgreSQL, changes made by other instances reach this instance's streams.
+    if (roles.api || roles.worker) && state.lifecycle.db().has_notifications() {
+        // On PostgreSQL, changes made by other instances reach this instance: its event
+        // streams, and its running attempts (a job deleted or purged elsewhere stops here at
+        // once, before its document reaches a provider).
         tasks.spawn(crate::lifecycle::relay_notifications(
             state.lifecycle.clone(),
             shutdown.clone(),

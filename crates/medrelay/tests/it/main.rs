@@ -21,6 +21,7 @@ mod encryption;
 mod expiry;
 mod fuzz;
 mod hostile;
+mod instances;
 mod keys;
 mod limits;
 mod local_processor;
