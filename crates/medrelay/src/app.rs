@@ -23,9 +23,14 @@ use crate::telemetry::Metrics;
 
 /// Opens the database, the store and the keys that `settings` name.
 pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
+    crate::clock::set_skew(settings.clock_skew_ms);
     let db = Db::connect(&settings.database_url())
         .await
         .context("opening the job database")?;
+    // Every time this instance stores or compares is on the database's clock from here on.
+    db.align_clock()
+        .await
+        .context("reading the database's clock")?;
     let store = Store::open(&settings.storage_url()).context("opening the object store")?;
     let keyring = crate::keys::load_keyring(&settings).context("loading the master keys")?;
     let auth = Authenticator::new(&settings).context("loading token keys")?;
@@ -139,6 +144,12 @@ pub async fn start_with(state: AppState, listener: TcpListener) -> anyhow::Resul
     if roles.sweeper {
         tasks.spawn(crate::sweeper::run(state.clone(), shutdown.clone()));
     }
+    if state.lifecycle.db().has_notifications() {
+        tasks.spawn(keep_clock_aligned(
+            state.lifecycle.db().clone(),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(crate::telemetry::upkeep(
         state.metrics.clone(),
         shutdown.clone(),
@@ -168,4 +179,23 @@ fn serve(
         .await
         .context("serving HTTP")
     });
+}
+
+/// How often the clock is aligned with the database's again (own clocks drift, and NTP steps).
+const CLOCK_ALIGN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Keeps this process's clock aligned with the database's until `shutdown`.
+async fn keep_clock_aligned(db: Db, shutdown: CancellationToken) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(CLOCK_ALIGN_EVERY) => {}
+        }
+        match db.align_clock().await {
+            Ok(correction) => {
+                metrics::gauge!("medrelay_clock_correction_seconds").set(correction as f64 / 1000.0)
+            }
+            Err(e) => tracing::warn!(error = %e, "aligning the clock with the database failed"),
+        }
+    }
 }

@@ -282,6 +282,9 @@ pub struct Settings {
     /// When set, `/metrics`, `/healthz` and `/readyz` are served only on this address.
     #[serde(default, deserialize_with = "loose_opt_string")]
     pub admin_listen: Option<String>,
+    /// Milliseconds this instance's own clock is shifted by: for tests of skewed instances.
+    #[serde(default)]
+    pub clock_skew_ms: i64,
     pub roles: Roles,
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
@@ -384,6 +387,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "upload_deadline",
     "upload_min_rate",
     "admin_listen",
+    "clock_skew_ms",
     "roles",
     "shutdown_grace",
     "poll_interval",

@@ -188,6 +188,21 @@ impl Db {
         Ok(())
     }
 
+    /// On PostgreSQL, aligns this process's clock with the database's (see `clock`); SQLite
+    /// serves one instance, whose own clock is the reference. Returns the correction (ms).
+    pub async fn align_clock(&self) -> Result<i64> {
+        let Db::Postgres(p) = self else {
+            return Ok(0);
+        };
+        let before = crate::clock::own_millis();
+        let (reference,): (i64,) =
+            sqlx::query_as("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
+                .fetch_one(p)
+                .await?;
+        let after = crate::clock::own_millis();
+        Ok(crate::clock::align_to(reference, before, after))
+    }
+
     /// On SQLite, copies the WAL into the database and empties it, so that the old page
     /// images it holds (keys and results before they were cleared) are gone; PostgreSQL's WAL
     /// is the operator's to manage (docs/operations.md).

@@ -2,6 +2,8 @@
 //! during and after processing; a ciphertext moved to another job fails closed; a rotated
 //! master key keeps jobs in flight readable.
 
+use std::time::Duration;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use medrelay::db::Db;
@@ -9,7 +11,7 @@ use medrelay::ids::JobId;
 use medrelay::store::Store;
 
 use crate::fixtures::text_pdf;
-use crate::harness::{Backend, TestApp, walk};
+use crate::harness::{Backend, TestApp, eventually, walk};
 use crate::scripted::{Scripted, Step};
 
 on_every_backend!(
@@ -189,6 +191,8 @@ async fn rotating_the_master_key_keeps_jobs_in_flight_readable() {
     let mut app = TestApp::spawn_with(Backend::SqliteFolder, |s| {
         s.roles.worker = false;
         s.master_key = Some(medrelay::config::Secret::new(old.clone()));
+        // A handed-back job is due again after the first retry delay.
+        s.retry_delays = medrelay::config::RetryDelays(vec![Duration::from_millis(200); 3]);
     })
     .await;
     let token = app.token("rotating");
@@ -217,7 +221,9 @@ async fn rotating_the_master_key_keeps_jobs_in_flight_readable() {
     let done = app.wait_terminal(&token, &after_id).await;
     assert_eq!(done["status"], "succeeded", "{done}");
 
-    // A queued job whose master key is gone fails closed, with a friendly message.
+    // A queued job whose master key is not configured here waits for it (a configuration
+    // problem, not tampering): handed back with its attempts untouched, never failed, nobody
+    // purged; once the key is back, it is read.
     app.settings.roles.worker = false;
     app.restart().await;
     let orphaned = app
@@ -230,10 +236,22 @@ async fn rotating_the_master_key_keeps_jobs_in_flight_readable() {
     )));
     app.settings.roles.worker = true;
     app.restart().await;
-    let done = app
-        .wait_terminal(&token, orphaned["id"].as_str().unwrap())
-        .await;
-    assert_eq!(done["status"], "failed");
-    assert_eq!(done["error"]["code"], "processing-failed");
+    let orphaned_id = orphaned["id"].as_str().unwrap();
+    eventually(Duration::from_secs(10), "a handed-back attempt", || async {
+        let text = app.state().metrics.render();
+        text.lines()
+            .any(|l| l.starts_with("medrelay_master_key_missing_total{kid=\"new\"}"))
+            .then_some(())
+            .ok_or("not tried yet".to_owned())
+    })
+    .await;
+    let row = app.row(orphaned_id).await.expect("the row");
+    assert_eq!(row.status, medrelay::model::JobStatus::Queued);
+    assert_eq!(row.attempts, 0, "the attempt is not counted");
+    assert!(app.purges().await.is_empty(), "nobody is purged");
+    app.settings.master_key = Some(medrelay::config::Secret::new(format!("{old},{new}")));
+    app.restart().await;
+    let done = app.wait_terminal(&token, orphaned_id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
     app.stop().await;
 }

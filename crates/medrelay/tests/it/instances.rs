@@ -88,3 +88,104 @@ async fn a_delete_elsewhere_stops_the_attempt_on_a_worker_only_instance() {
     drop((api, worker));
     drop_postgres(&name).await;
 }
+
+/// One clock: instances whose own clocks are three minutes off either way agree on the
+/// database's. A slow worker's lease is not stolen by a worker whose clock runs ahead, and a
+/// job stored through a fast instance is not expired early by its sweeper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_instances_steal_no_lease_and_expire_nothing_early() {
+    let (url, name) = fresh_postgres().await;
+    let storage = format!("s3://{}/medrelay", fresh_bucket().await);
+    let mut slow = Reply::ok(extraction("read by Claude"));
+    slow.delay = Duration::from_secs(30);
+    let (mock, base) = Mock::start(vec![], Some(slow)).await;
+    let common = [
+        ("MEDRELAY_DATABASE_URL", url.as_str()),
+        ("MEDRELAY_STORAGE_URL", storage.as_str()),
+        (
+            "MEDRELAY_MASTER_KEY",
+            "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        ),
+        (
+            "MEDRELAY_JWT_SECRET",
+            "a-test-secret-of-at-least-thirty-two-bytes",
+        ),
+        ("MEDRELAY_PROCESSOR", "anthropic"),
+        ("ANTHROPIC_BASE_URL", base.as_str()),
+        ("ANTHROPIC_API_KEY", "sk-ant-test"),
+        ("MEDRELAY_TEMP_TTL", "2m"),
+        ("MEDRELAY_LEASE", "6s"),
+        ("MEDRELAY_SWEEP_INTERVAL", "500ms"),
+    ];
+    let start = |roles: &'static str, skew: &'static str| {
+        let mut envs = common.to_vec();
+        envs.push(("MEDRELAY_ROLES", roles));
+        envs.push(("MEDRELAY_CLOCK_SKEW_MS", skew));
+        Server::start(&envs)
+    };
+    // The API and the sweeper run three minutes ahead: to their own clock, a job is past its
+    // two-minute TTL the moment it is stored.
+    let ahead = start("api,sweeper", "180000");
+    // The first worker runs three minutes behind: to its own clock, its leases end long ago.
+    let behind = start("worker", "-180000");
+    let http = reqwest::Client::new();
+    let alice = ahead.token("alice");
+    let job: Value = http
+        .post(format!("{}/v1/documents", ahead.addr))
+        .bearer_auth(&alice)
+        .body(text_pdf(&["Lab report"]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let at = |field: &str| {
+        time::OffsetDateTime::parse(
+            job[field].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    let real_now = medrelay::clock::now();
+    assert!(
+        (at("created_at") - real_now).whole_seconds().abs() < 10,
+        "created on the shared clock, not three minutes ahead: {job}"
+    );
+    assert_eq!((at("expires_at") - at("created_at")).whole_seconds(), 120);
+    eventually(
+        Duration::from_secs(20),
+        "the slow worker's call",
+        || async {
+            (mock.calls().len() == 1)
+                .then_some(())
+                .ok_or("no call yet".to_owned())
+        },
+    )
+    .await;
+    // A second worker, three minutes ahead, joins while the first one's call is in flight.
+    let ahead_worker = start("worker", "180000");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(mock.calls().len(), 1, "a second worker stole the lease");
+    let seen: Value = http
+        .get(format!("{}/v1/jobs/{id}", ahead.addr))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen["status"], "processing", "not expired early: {seen}");
+    assert_eq!(seen["attempts"], 1, "{seen}");
+    // Its document is still stored: the fast sweeper judged its age on the shared clock.
+    let store = medrelay::store::Store::open(&storage).unwrap();
+    let objects = store.list_all().await.unwrap();
+    assert!(
+        objects.iter().any(|(key, _)| key.as_ref().contains(&id)),
+        "the document was swept early: {objects:?}"
+    );
+    drop((ahead, behind, ahead_worker));
+    drop_postgres(&name).await;
+}
