@@ -138,7 +138,10 @@ struct Kek {
 /// The key-encryption keys. Cheap to share behind an `Arc`.
 pub struct Keyring {
     keks: Vec<Kek>,
-    /// The key material the user-prefix key is derived from (the first KEK listed).
+    /// The KEK that wraps new data keys (the last listed unless chosen).
+    current: usize,
+    /// The key material the user-prefix key is derived from (the first KEK listed, unless a
+    /// separate one is configured).
     prefix_source: KeyBytes,
 }
 
@@ -190,6 +193,7 @@ impl Keyring {
         }
         let prefix_source = first.context("no master key configured")?;
         Ok(Keyring {
+            current: keks.len() - 1,
             keks,
             prefix_source,
         })
@@ -197,7 +201,24 @@ impl Keyring {
 
     /// The id of the KEK that wraps new data keys.
     pub fn current_id(&self) -> &str {
-        &self.keks.last().expect("a keyring has a key").id
+        &self.keks[self.current].id
+    }
+
+    /// Makes the KEK `kid` the one that wraps new data keys; the others only unwrap (the
+    /// first phase of a rotation adds the new key this way, decrypt-only).
+    pub fn set_current(&mut self, kid: &str) -> anyhow::Result<()> {
+        self.current = self
+            .keks
+            .iter()
+            .position(|k| k.id == kid)
+            .with_context(|| format!("the encrypting master key {kid:?} is not in the keyring"))?;
+        Ok(())
+    }
+
+    /// Derives user prefixes from `material` instead of the first KEK, so that every master
+    /// key can be retired.
+    pub fn set_prefix_source(&mut self, material: KeyBytes) {
+        self.prefix_source = material;
     }
 
     /// Whether a master key of this id is configured (an unknown id is a configuration
@@ -212,7 +233,7 @@ impl Keyring {
 
     /// A fresh random data key, and its wrapped form for the job row.
     pub fn new_data_key(&self, binding: &Binding<'_>) -> anyhow::Result<(DataKey, WrappedKey)> {
-        let kek = self.keks.last().expect("a keyring has a key");
+        let kek = &self.keks[self.current];
         let mut key = Zeroizing::new([0u8; 32]);
         key.copy_from_slice(&random_bytes(32)?);
         let mut sealed = key.to_vec();

@@ -229,6 +229,14 @@ pub struct Settings {
     /// precedence over `master_key_file`.
     #[serde(default)]
     pub master_key: Option<Secret>,
+    /// The id of the master key that wraps new data keys (default: the last listed); the
+    /// others only unwrap.
+    #[serde(default, deserialize_with = "loose_opt_string")]
+    pub master_key_current: Option<String>,
+    /// Base64 of 32 bytes from which user prefixes are derived (default: the first master
+    /// key), so that every master key can be retired.
+    #[serde(default)]
+    pub prefix_key: Option<Secret>,
     /// HS256 secret; when neither this nor `jwt_secret_file` is set, one is generated into
     /// the data dir.
     #[serde(default)]
@@ -317,6 +325,8 @@ impl fmt::Debug for Settings {
             .field("workers", &self.workers)
             .field("lease", &self.lease)
             .field("master_key", &self.master_key)
+            .field("master_key_current", &self.master_key_current)
+            .field("prefix_key", &self.prefix_key)
             .field("jwt_secret", &self.jwt_secret)
             .field("jwks_url", &self.jwks_url)
             .field("sandbox_memory", &self.sandbox_memory)
@@ -363,6 +373,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "lease",
     "master_key_file",
     "master_key",
+    "master_key_current",
+    "prefix_key",
     "jwt_secret",
     "jwt_secret_file",
     "jwks_url",

@@ -23,6 +23,20 @@ use crate::ids::{UserId, UserPrefix};
 /// The configured master keys (`MEDRELAY_MASTER_KEY`), else the key file, generated with mode
 /// 0600 when it does not exist in development (SQLite and a local folder); refused otherwise.
 pub fn load_keyring(settings: &Settings) -> anyhow::Result<Keyring> {
+    let mut keyring = configured_keyring(settings)?;
+    if let Some(kid) = &settings.master_key_current {
+        keyring
+            .set_current(kid)
+            .context("reading MEDRELAY_MASTER_KEY_CURRENT")?;
+    }
+    if let Some(prefix) = &settings.prefix_key {
+        let material = decode(prefix.expose()).context("reading MEDRELAY_PREFIX_KEY")?;
+        keyring.set_prefix_source(material);
+    }
+    Ok(keyring)
+}
+
+fn configured_keyring(settings: &Settings) -> anyhow::Result<Keyring> {
     if let Some(inline) = &settings.master_key {
         return Keyring::parse(inline.expose()).context("reading MEDRELAY_MASTER_KEY");
     }
@@ -177,6 +191,24 @@ mod tests {
         assert_eq!(keyring.current_id(), a.split(':').next().unwrap());
         // Two lines make a keyring (the rotation's "add a key").
         assert!(Keyring::parse(&format!("{a},{b}")).is_ok());
+    }
+
+    #[test]
+    fn a_rotation_first_adds_the_new_key_decrypt_only() {
+        let (old, new) = (
+            new_key_line("20261101").unwrap(),
+            new_key_line("20261130").unwrap(),
+        );
+        let old_id = old.split(':').next().unwrap();
+        let mut keyring = Keyring::parse(&format!("{old},{new}")).unwrap();
+        assert_ne!(
+            keyring.current_id(),
+            old_id,
+            "the last listed encrypts by default"
+        );
+        keyring.set_current(old_id).unwrap();
+        assert_eq!(keyring.current_id(), old_id);
+        assert!(keyring.set_current("k-unknown").is_err());
     }
 
     #[test]
