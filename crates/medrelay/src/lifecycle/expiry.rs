@@ -40,9 +40,9 @@ impl Lifecycle {
             .await?)
     }
 
-    /// Deletes every object older than the TTL, whatever its job row says: documents of jobs
-    /// that ended without their delete, and orphans of a crash between storing and committing.
-    /// No object can outlive the TTL by more than one sweep interval.
+    /// Deletes every object that would pass the TTL before the next sweep, whatever its job
+    /// row says: documents of jobs that ended without their delete, and orphans of a crash
+    /// between storing and committing. No object outlives TTL + one sweep interval.
     pub async fn sweep_objects(&self, now: i64) -> Result<(), Error> {
         let ttl = millis(self.rules().temp_ttl);
         let store = self.store();
@@ -58,6 +58,11 @@ impl Lifecycle {
         let objects = store.list_with_times().await.map_err(Error::Unavailable)?;
         // Objects past the TTL by more than one sweep interval mean deletion is failing: alert.
         let late = ttl + millis(self.rules().sweep_interval);
+        // What would pass the TTL before the next sweep goes now: no object reaches TTL + one
+        // sweep interval, whatever this round costs. (A job whose document this takes early
+        // has at most one interval left of its hour: it ends as `document-missing`.)
+        let interval = millis(self.rules().sweep_interval).min(ttl / 2);
+        let due = ttl - interval;
         let past = objects
             .iter()
             .filter(|(_, modified)| now - modified > late)
@@ -69,7 +74,7 @@ impl Lifecycle {
         for (path, modified) in objects {
             let age = now - modified;
             oldest_seen_ms = oldest_seen_ms.max(age);
-            if age >= ttl {
+            if age >= due {
                 // One object that cannot be deleted must not shield the others: it is counted,
                 // logged, and tried again next round.
                 match store.delete(&path).await {

@@ -493,3 +493,18 @@ pub async fn assert_problem(response: reqwest::Response, status: u16, code: &str
     assert!(body["title"].is_string(), "{body}");
     body
 }
+
+/// Kills every connection to the database `name` (what a failover or an operator does).
+/// Returns how many it killed.
+pub async fn terminate_backends(name: &str) -> usize {
+    let mut conn = connect_admin(&admin_url()).await;
+    let killed: Vec<(bool,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(name)
+    .fetch_all(&mut conn)
+    .await
+    .expect("terminating backends");
+    killed.len()
+}

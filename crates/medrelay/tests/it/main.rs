@@ -15,6 +15,7 @@ mod server;
 mod access;
 mod architecture;
 mod binary;
+mod chaos;
 mod claude;
 mod deletion;
 mod encryption;

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Sourced by scripts/test and scripts/chaos: makes sure PostgreSQL runs (trust auth, user
+# postgres, at 127.0.0.1:5432), installs moto into a virtualenv under target/ when missing, and
+# starts moto's S3 on a free loopback port for as long as the calling script runs. Exports
+# MEDRELAY_TEST_DATABASE_URL, AWS_ENDPOINT_URL and the AWS_* test credentials.
+# Expects: the repository root as the working directory, `root` set to it, and `say`.
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+export MEDRELAY_TEST_DATABASE_URL="${MEDRELAY_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
+if ! pg_up; then
+  say "PostgreSQL is down: starting it"
+  if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+  fi
+  for _ in $(seq 1 30); do pg_up && break; sleep 1; done
+fi
+if ! pg_up; then
+  echo "PostgreSQL is not reachable at 127.0.0.1:5432 and could not be started." >&2
+  echo "Start it: pg_ctlcluster --skip-systemctl-redirect \$(ls /etc/postgresql) main start" >&2
+  exit 1
+fi
+# Databases left by an interrupted earlier run.
+psql -h 127.0.0.1 -U postgres -d postgres -Atqc \
+  "SELECT datname FROM pg_database WHERE datname LIKE 'medrelay_t_%'" 2>/dev/null |
+  while read -r db; do psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true; done
+
+# --- moto (S3) --------------------------------------------------------------------------------
+venv="$root/target/moto-venv"
+if [ ! -x "$venv/bin/moto_server" ]; then
+  say "Installing moto into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]>=5.1,<6"
+fi
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+moto_log="$root/target/moto.log"
+"$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$moto_log" 2>&1 &
+moto_pid=$!
+trap 'kill $moto_pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 60); do
+  curl -fs "http://127.0.0.1:$port/moto-api/" >/dev/null 2>&1 && break
+  kill -0 $moto_pid 2>/dev/null || { cat "$moto_log" >&2; echo "moto_server did not start" >&2; exit 1; }
+  sleep 0.5
+done
+export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
+export AWS_ACCESS_KEY_ID=medrelay-test AWS_SECRET_ACCESS_KEY=medrelay-test AWS_DEFAULT_REGION=us-east-1
+export AWS_ALLOW_HTTP=true
+
