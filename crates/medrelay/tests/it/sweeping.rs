@@ -261,3 +261,115 @@ async fn cleared_keys_and_results_survive_nowhere_in_sqlite_files() {
     );
     db.close().await;
 }
+
+/// An S3 server in front of moto that fails `AbortMultipartUpload` while `failing` is set
+/// (every other request passes through).
+async fn s3_failing_aborts(failing: Arc<AtomicBool>) -> String {
+    use axum::extract::Request;
+    use axum::response::IntoResponse;
+    let upstream = std::env::var("AWS_ENDPOINT_URL").expect("scripts/test starts moto");
+    let http = reqwest::Client::new();
+    let router = axum::Router::new().fallback(move |request: Request| {
+        let (failing, http, upstream) = (failing.clone(), http.clone(), upstream.clone());
+        async move {
+            let aborting = request.method() == axum::http::Method::DELETE
+                && request
+                    .uri()
+                    .query()
+                    .is_some_and(|q| q.contains("uploadId"));
+            if aborting && failing.load(Ordering::SeqCst) {
+                return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "injected").into_response();
+            }
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let url = format!(
+                "{upstream}{}",
+                parts.uri.path_and_query().map_or("/", |p| p.as_str())
+            );
+            let mut forwarded = http.request(parts.method, url).body(body);
+            for (name, value) in &parts.headers {
+                if name != axum::http::header::HOST {
+                    forwarded = forwarded.header(name, value);
+                }
+            }
+            let answer = forwarded.send().await.unwrap();
+            let mut response = axum::response::Response::builder().status(answer.status());
+            for (name, value) in answer.headers() {
+                response = response.header(name, value);
+            }
+            response
+                .body(axum::body::Body::from(answer.bytes().await.unwrap()))
+                .unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// A multipart upload a crash left behind keeps its marker while aborting it fails (so the
+/// next round tries again), and both go once the abort succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_marker_stays_until_its_upload_is_aborted() {
+    let storage = format!("s3://{}/medrelay", crate::harness::fresh_bucket().await);
+    let store = Store::open(&storage).unwrap();
+    // What a crash mid-upload leaves: a multipart upload with a part, and its marker.
+    let path = Path::from("p/crashed-upload/document");
+    let mut writer = store.writer(&path);
+    writer
+        .write(Bytes::from(vec![7u8; 6 * 1024 * 1024]))
+        .await
+        .unwrap();
+    drop(writer);
+    let markers = || async {
+        store
+            .list_all()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(p, _)| p.as_ref().starts_with("_uploads/"))
+            .count()
+    };
+    assert_eq!(markers().await, 1);
+
+    let failing = Arc::new(AtomicBool::new(true));
+    let endpoint = s3_failing_aborts(failing.clone()).await;
+    let sweeper = crate::server::Server::start(&[
+        ("MEDRELAY_STORAGE_URL", storage.as_str()),
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        (
+            "MEDRELAY_MASTER_KEY",
+            "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        ),
+        (
+            "MEDRELAY_JWT_SECRET",
+            "a-test-secret-of-at-least-thirty-two-bytes",
+        ),
+        ("MEDRELAY_ROLES", "api,sweeper"),
+        ("MEDRELAY_TEMP_TTL", "1s"),
+        ("MEDRELAY_SWEEP_INTERVAL", "200ms"),
+    ]);
+    crate::harness::eventually(Duration::from_secs(10), "failed aborts", || async {
+        let failures = sweeper.metric("medrelay_sweep_failures_total").await;
+        (failures >= 3.0).then_some(()).ok_or(failures.to_string())
+    })
+    .await;
+    assert_eq!(markers().await, 1, "the marker outlives a failed abort");
+    let metrics = reqwest::get(format!("{}/metrics", sweeper.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("medrelay_oldest_temporary_object_seconds "),
+        "the gauge of the oldest temporary byte is exported"
+    );
+    failing.store(false, Ordering::SeqCst);
+    crate::harness::eventually(Duration::from_secs(10), "the upload aborted", || async {
+        let left = markers().await;
+        (left == 0).then_some(()).ok_or(left.to_string())
+    })
+    .await;
+}
