@@ -33,6 +33,8 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 /// The authenticated caller of a `/v1` route.
@@ -150,6 +152,7 @@ impl Authenticator {
             sub: user.to_owned(),
             iat: Some(now),
             exp: now + ttl.as_secs(),
+            nbf: None,
         };
         let key = EncodingKey::from_secret(secret.expose()).context("loading the token secret")?;
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key)
@@ -175,7 +178,10 @@ impl Authenticator {
         };
         let mut validation = Validation::new(header.alg);
         validation.leeway = LEEWAY_SECS;
-        validation.validate_nbf = true;
+        // The times are checked below on medrelay's clock (the database's on PostgreSQL), not
+        // on this host's, which may be skewed; `exp` stays required.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.set_required_spec_claims(&["exp", "sub"]);
         match &self.inner.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
@@ -191,11 +197,12 @@ impl Authenticator {
         if sub.is_empty() || sub.len() > 256 {
             return Err(ApiError::Unauthorized);
         }
-        // A token issued in the future comes from a broken or hostile issuer.
-        if data
-            .claims
-            .iat
-            .is_some_and(|iat| iat > crate::clock::now_secs() + LEEWAY_SECS)
+        let now = crate::clock::now_secs();
+        let claims = &data.claims;
+        // Expired, not valid yet, or issued in the future (a broken or hostile issuer).
+        if claims.exp.saturating_add(LEEWAY_SECS) <= now
+            || claims.nbf.is_some_and(|nbf| nbf > now + LEEWAY_SECS)
+            || claims.iat.is_some_and(|iat| iat > now + LEEWAY_SECS)
         {
             return Err(ApiError::Unauthorized);
         }

@@ -40,10 +40,18 @@ fn configured_keyring(settings: &Settings) -> anyhow::Result<Keyring> {
     if let Some(inline) = &settings.master_key {
         return Keyring::parse(inline.expose()).context("reading MEDRELAY_MASTER_KEY");
     }
+    // Instances sharing a database and a bucket must share their keys: a key made up here (or
+    // one an earlier version made up in the data dir) would leave the others unable to read
+    // this instance's jobs. A shared deployment names its key explicitly.
+    anyhow::ensure!(
+        !settings.is_shared_deployment() || settings.master_key_file.is_some(),
+        "no master key is configured, and with PostgreSQL or S3 none is generated or taken from \
+         the data dir (every instance must use the same one): set MEDRELAY_MASTER_KEY to the \
+         line that `medrelay keygen` prints (the same on every instance), or \
+         MEDRELAY_MASTER_KEY_FILE to a file holding it"
+    );
     let file = settings.master_key_file();
     if !file.exists() {
-        // Instances sharing a database and a bucket must share their keys: a key made up here
-        // would leave the others unable to read this instance's jobs.
         anyhow::ensure!(
             !settings.is_shared_deployment(),
             "no master key is configured, and with PostgreSQL or S3 none is generated (every \

@@ -49,9 +49,13 @@ pub async fn sweep(state: &AppState) -> anyhow::Result<u64> {
             .map(drop)
             .map_err(Into::into),
     );
+    // Object ages are judged at the listing, not at the start of the round.
     step(
         "deleting expired objects",
-        lifecycle.sweep_objects(now).await.map_err(Into::into),
+        lifecycle
+            .sweep_objects(now_millis())
+            .await
+            .map_err(Into::into),
     );
     // Fair-use rows that lapsed: slots an instance did not release, day-old provider calls.
     step(

@@ -194,10 +194,12 @@ impl Db {
         let Db::Postgres(p) = self else {
             return Ok(0);
         };
+        // Only the query is timed, not the wait for a connection.
+        let mut conn = p.acquire().await?;
         let before = crate::clock::own_millis();
         let (reference,): (i64,) =
             sqlx::query_as("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
-                .fetch_one(p)
+                .fetch_one(&mut *conn)
                 .await?;
         let after = crate::clock::own_millis();
         Ok(crate::clock::align_to(reference, before, after))

@@ -138,7 +138,8 @@ impl Lifecycle {
                     .retry_delays
                     .first()
                     .copied()
-                    .unwrap_or(Duration::from_secs(15));
+                    .unwrap_or(Duration::from_secs(15))
+                    .max(KEY_MISSING_MIN_WAIT);
                 if self
                     .db()
                     .release(&row.id, lease, now_millis() + millis(delay))
@@ -208,6 +209,10 @@ impl Lifecycle {
         Ok(())
     }
 }
+
+/// A job handed back for a missing master key waits at least this long (no hot loop of reads
+/// and error lines when the retry delays are configured tiny).
+const KEY_MISSING_MIN_WAIT: Duration = Duration::from_secs(1);
 
 /// The error of a job whose every retry failed transiently.
 pub(super) fn retries_exhausted() -> JobError {

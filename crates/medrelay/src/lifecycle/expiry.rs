@@ -58,10 +58,11 @@ impl Lifecycle {
         let objects = store.list_with_times().await.map_err(Error::Unavailable)?;
         // Objects past the TTL by more than one sweep interval mean deletion is failing: alert.
         let late = ttl + millis(self.rules().sweep_interval);
-        // What would pass the TTL before the next sweep goes now: no object reaches TTL + one
-        // sweep interval, whatever this round costs. (A job whose document this takes early
-        // has at most one interval left of its hour: it ends as `document-missing`.)
-        let interval = millis(self.rules().sweep_interval).min(ttl / 2);
+        // What would pass the TTL before the next sweep goes now, so that no object reaches
+        // TTL + one sweep interval. (A job whose document this takes early has at most that
+        // margin left of its hour, and ends as `document-missing`.) The margin is at most a
+        // twelfth of the TTL (5 min of an hour), whatever the interval.
+        let interval = millis(self.rules().sweep_interval).min(ttl / 12);
         let due = ttl - interval;
         let past = objects
             .iter()

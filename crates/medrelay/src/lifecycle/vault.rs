@@ -60,6 +60,13 @@ impl Lifecycle {
         let media_type = MediaType::parse(&row.media_type).ok_or_else(|| {
             ProcessError::Unmanaged(anyhow::anyhow!("job has an unknown media type"))
         })?;
+        let wrapped = row.document_key().ok_or_else(|| {
+            ProcessError::Unmanaged(anyhow::anyhow!("the job's document key is missing"))
+        })?;
+        // Before reading the object: an instance without the key reads nothing.
+        if !self.inner.keyring.knows(&wrapped.kid) {
+            return Err(ProcessError::KeyMissing { kid: wrapped.kid });
+        }
         let path = Store::document_key(&row.user_prefix, &row.id);
         let bytes = match self.inner.store.read(&path).await {
             Ok(bytes) => bytes,
@@ -77,12 +84,7 @@ impl Lifecycle {
         };
         let kind = ObjectKind::Document.name();
         let binding = binding(&row.user_prefix, &row.id, kind);
-        let wrapped = row.document_key().ok_or_else(|| {
-            ProcessError::Unmanaged(anyhow::anyhow!("the job's document key is missing"))
-        })?;
-        if !self.inner.keyring.knows(&wrapped.kid) {
-            return Err(ProcessError::KeyMissing { kid: wrapped.kid });
-        }
+
         let plaintext = self
             .inner
             .keyring

@@ -695,6 +695,14 @@ async fn a_shared_deployment_refuses_to_make_up_keys() {
             && !dir.path().join("data/jwt.secret").exists(),
         "nothing was generated"
     );
+    // A key an earlier version generated into the data dir is not taken either: every
+    // instance would have its own.
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/master.key"), format!("{key}\n")).unwrap();
+    let out = serve(&[("MEDRELAY_JWT_SECRET", key)]).output().unwrap();
+    assert!(!out.status.success(), "started on a data-dir key");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("MEDRELAY_MASTER_KEY"), "{err}");
     // With both, it starts.
     let mut child = serve(&[("MEDRELAY_MASTER_KEY", &line), ("MEDRELAY_JWT_SECRET", key)])
         .stdout(std::process::Stdio::piped())
