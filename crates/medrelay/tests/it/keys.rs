@@ -44,16 +44,7 @@ async fn a_master_key_missing_on_one_instance_delays_jobs_and_purges_nobody() {
     let lagging = start("worker", &old);
     let http = reqwest::Client::new();
     let alice = api.token("alice");
-    let job: Value = http
-        .post(format!("{}/v1/documents", api.addr))
-        .bearer_auth(&alice)
-        .body(text_pdf(&["Vaccination record"]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job = api.upload(&alice, text_pdf(&["Vaccination record"])).await;
     let id = job["id"].as_str().unwrap().to_owned();
 
     // The lagging worker tries, says which key it lacks, and hands the job back each time
@@ -64,15 +55,7 @@ async fn a_master_key_missing_on_one_instance_delays_jobs_and_purges_nobody() {
         (tries >= 3.0).then_some(()).ok_or(tries.to_string())
     })
     .await;
-    let waiting: Value = http
-        .get(format!("{}/v1/jobs/{id}", api.addr))
-        .bearer_auth(&alice)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let waiting = api.job(&alice, &id).await;
     assert!(
         matches!(waiting["status"].as_str(), Some("queued" | "processing")),
         "{waiting}"
@@ -96,15 +79,7 @@ async fn a_master_key_missing_on_one_instance_delays_jobs_and_purges_nobody() {
     assert!(response.headers().contains_key("retry-after"));
     assert_problem(response, 503, "service-unavailable").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let again: Value = http
-        .get(format!("{}/v1/jobs/{id}", api.addr))
-        .bearer_auth(&alice)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again = api.job(&alice, &id).await;
     assert_eq!(again["status"], "succeeded", "not purged: {again}");
     assert!(again["result"].is_object());
     let purges = medrelay::db::Db::connect(&url)

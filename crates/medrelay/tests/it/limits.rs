@@ -550,15 +550,7 @@ async fn a_thousand_jobs_against_an_overloaded_claude_keep_the_call_cap() {
     .await;
     let mut jobs = Vec::new();
     for id in &ids {
-        let job: Value = http
-            .get(format!("{}/v1/jobs/{id}", server.addr))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job = server.job(&token, id).await;
         assert_eq!(job["status"], "failed", "{job}");
         assert_eq!(job["attempts"], 4, "{job}");
         assert_eq!(job["error"]["code"], "processing-unavailable", "{job}");

@@ -153,6 +153,32 @@ impl Server {
         }
     }
 
+    /// `POST /v1/documents` of `body` as this token's user, which must be accepted: the Job.
+    pub async fn upload(&self, token: &str, body: Vec<u8>) -> Value {
+        let response = reqwest::Client::new()
+            .post(format!("{}/v1/documents", self.addr))
+            .bearer_auth(token)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+        response.json().await.unwrap()
+    }
+
+    /// `GET /v1/jobs/{id}` as this token's user: the body, whatever the status.
+    pub async fn job(&self, token: &str, id: &str) -> Value {
+        reqwest::Client::new()
+            .get(format!("{}/v1/jobs/{id}", self.addr))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or(Value::Null)
+    }
+
     /// `GET /v1/jobs` as this token's user: the `jobs` list.
     pub async fn list_jobs(&self, token: &str) -> Vec<Value> {
         let list: Value = reqwest::Client::new()
