@@ -94,9 +94,16 @@ pub struct Refused {
     pub retry_after: Duration,
 }
 
+impl Limit {
+    /// Counts one refusal by this limit.
+    fn count_refusal(self) {
+        metrics::counter!("medrelay_limit_refusals_total", "limit" => self.label()).increment(1);
+    }
+}
+
 impl Refused {
     fn new(limit: Limit, retry_after: Duration) -> Refused {
-        metrics::counter!("medrelay_limit_refusals_total", "limit" => limit.label()).increment(1);
+        limit.count_refusal();
         Refused { limit, retry_after }
     }
 
@@ -350,9 +357,9 @@ impl CallBudget for ProviderBudget {
                 .charge_provider_calls(&self.prefix, calls, now, now - DAY_MS, self.per_day)
                 .await
             {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_oldest)) => {
-                    Refused::new(Limit::UserProviderCallsPerDay, Duration::ZERO);
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    Limit::UserProviderCallsPerDay.count_refusal();
                     Err(ProcessError::Abort(Refusal::DailyLimit))
                 }
                 Err(e) => Err(ProcessError::Retry {

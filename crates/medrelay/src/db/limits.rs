@@ -52,8 +52,7 @@ const USAGE: &str = "SELECT \
 const TAKE_SLOT: &str =
     "INSERT INTO user_slots (id, user_prefix, kind, expires_at) VALUES ($1, $2, $3, $4)";
 
-const CALLS: &str = "SELECT count(*), min(called_at) FROM provider_calls \
-     WHERE user_prefix = $1 AND called_at > $2";
+const CALLS: &str = "SELECT count(*) FROM provider_calls WHERE user_prefix = $1 AND called_at > $2";
 
 impl Db {
     /// Reads the user's usage with the user locked; takes a slot of `kind` until `expires_at`
@@ -132,8 +131,7 @@ impl Db {
     }
 
     /// Records `calls` provider calls of the user at `now` if the calls made since `since`
-    /// leave room for all of them within `per_window`. `Err(oldest)`: refused, none recorded;
-    /// the oldest call in the window was at `oldest`.
+    /// leave room for all of them within `per_window`. `false`: refused, none recorded.
     pub async fn charge_provider_calls(
         &self,
         prefix: &UserPrefix,
@@ -141,19 +139,20 @@ impl Db {
         now: i64,
         since: i64,
         per_window: i64,
-    ) -> Result<std::result::Result<(), i64>> {
+    ) -> Result<bool> {
         on_pool!(self, |p| {
             let mut tx = p.begin().await?;
             sqlx::query(LOCK_USER)
                 .bind(prefix)
                 .execute(&mut *tx)
                 .await?;
-            let (made, oldest): (i64, Option<i64>) = sqlx::query_as(CALLS)
+            let (made,): (i64,) = sqlx::query_as(CALLS)
                 .bind(prefix)
                 .bind(since)
                 .fetch_one(&mut *tx)
                 .await?;
-            let outcome = if made + i64::from(calls) <= per_window {
+            let allowed = made + i64::from(calls) <= per_window;
+            if allowed {
                 for _ in 0..calls {
                     sqlx::query(
                         "INSERT INTO provider_calls (user_prefix, called_at) VALUES ($1, $2)",
@@ -163,12 +162,9 @@ impl Db {
                     .execute(&mut *tx)
                     .await?;
                 }
-                Ok(())
-            } else {
-                Err(oldest.unwrap_or(now))
-            };
+            }
             tx.commit().await?;
-            Ok(outcome)
+            Ok(allowed)
         })
     }
 

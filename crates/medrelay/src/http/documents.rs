@@ -87,20 +87,22 @@ pub async fn create_document(
     // A replay of an upload that became a job answers with that job whatever the limits say:
     // it creates nothing (a phone that lost the 202 of its last upload of the hour gets it).
     let replayed = async {
-        let Some(key) = idempotency_key(&headers)? else {
-            return Ok(None);
+        let key = idempotency_key(&headers)?;
+        let job = match &key {
+            Some(key) => {
+                state
+                    .lifecycle
+                    .find_by_idempotency_key(&user.id, key)
+                    .await?
+            }
+            None => None,
         };
-        Ok::<_, ApiError>(
-            state
-                .lifecycle
-                .find_by_idempotency_key(&user.id, &key)
-                .await?,
-        )
+        Ok::<_, ApiError>((key, job))
     }
     .await;
-    match replayed {
-        Ok(None) => {}
-        Ok(Some(job)) => {
+    let idempotency_key = match replayed {
+        Ok((key, None)) => key,
+        Ok((_, Some(job))) => {
             body.drain_in_background();
             return Ok(accepted(job));
         }
@@ -108,7 +110,7 @@ pub async fn create_document(
             body.drain_in_background();
             return Err(e);
         }
-    }
+    };
     // Fair use before a byte is read: held until the job is committed or the upload refused.
     let prefix = state.lifecycle.user_prefix(&user.id);
     let permit = match state.limits.admit_upload(&prefix).await {
@@ -118,13 +120,23 @@ pub async fn create_document(
             return Err(e.into());
         }
     };
-    let answer = upload(&state, &user, &headers, multipart, body, started).await;
+    let answer = upload(
+        &state,
+        &user,
+        &headers,
+        multipart,
+        body,
+        started,
+        idempotency_key,
+    )
+    .await;
     // Released before the answer: a client that sends its next upload at once finds the slot free.
     permit.release().await;
     answer
 }
 
-/// Receives, stores and commits one admitted upload.
+/// Receives, stores and commits one admitted upload (a twin that committed first with the same
+/// idempotency key wins at the commit).
 async fn upload(
     state: &AppState,
     user: &User,
@@ -132,13 +144,11 @@ async fn upload(
     multipart: bool,
     body: SharedBody,
     started: i64,
+    idempotency_key: Option<String>,
 ) -> Result<Response, ApiError> {
     let received = receive(state, user, headers, multipart, body.clone(), started).await;
-    let (incoming, idempotency_key) = match received {
-        Ok(Received {
-            incoming,
-            idempotency_key,
-        }) => (incoming, idempotency_key),
+    let incoming = match received {
+        Ok(incoming) => incoming,
         Err(e) if body.too_slow() || matches!(e, ApiError::UploadTimeout) => {
             // Cut off: what it wrote is gone (the write was aborted), and the connection is
             // closed rather than read on.
@@ -156,14 +166,8 @@ async fn upload(
     Ok(accepted(job))
 }
 
-/// The whole document, sealed in the store, waiting for its job row (a twin that committed
-/// first with the same idempotency key wins at the commit).
-struct Received {
-    incoming: Box<Incoming>,
-    idempotency_key: Option<String>,
-}
-
-/// Checks the request and streams its document into the store.
+/// Checks the request and streams its document into the store: the whole document, sealed,
+/// waiting for its job row.
 async fn receive(
     state: &AppState,
     user: &User,
@@ -171,7 +175,7 @@ async fn receive(
     multipart: bool,
     body: SharedBody,
     started: i64,
-) -> Result<Received, ApiError> {
+) -> Result<Incoming, ApiError> {
     let limit = state.settings.max_upload_bytes;
     // Refuse what is too large before reading a byte of it.
     let declared = headers
@@ -189,8 +193,6 @@ async fn receive(
     if declared == Some(0) {
         return Err(ApiError::EmptyDocument);
     }
-
-    let idempotency_key = idempotency_key(headers)?;
 
     let incoming = if multipart {
         let content_type = headers
@@ -217,10 +219,7 @@ async fn receive(
     } else {
         ingest(state, user, body, limit, started).await?
     };
-    Ok(Received {
-        incoming: Box::new(incoming),
-        idempotency_key,
-    })
+    Ok(incoming)
 }
 
 /// The request body, shared so that what the handler did not read can be drained after the
