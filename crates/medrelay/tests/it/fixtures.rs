@@ -284,16 +284,94 @@ fn stream(dict: &str, data: &[u8]) -> Vec<u8> {
 /// A PDF whose page content is a Flate stream of about `inflated` bytes of drawing commands,
 /// compressed to about a thousandth of that: it takes memory only when someone inflates it.
 pub fn flate_bomb_pdf(inflated: u64) -> Vec<u8> {
-    use std::io::Write;
-    let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
-    let chunk = b"0 0 m\n".repeat(1 << 17);
-    let mut written = 0u64;
-    while written < inflated {
-        encoder.write_all(&chunk).unwrap();
-        written += chunk.len() as u64;
+    raw_pdf(
+        &[stream("/Filter /FlateDecode", &repeated_zlib(inflated))],
+        "",
+        "",
+    )
+}
+
+/// A PDF whose page content is Flate inside Flate: about `inflated` bytes of drawing
+/// commands in a file of a few kilobytes (a million to one).
+pub fn nested_flate_bomb_pdf(inflated: u64) -> Vec<u8> {
+    let inner = repeated_zlib(inflated);
+    let mut outer = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::Write::write_all(&mut outer, &inner).unwrap();
+    let data = outer.finish().unwrap();
+    raw_pdf(
+        &[stream("/Filter [/FlateDecode /FlateDecode]", &data)],
+        "",
+        "",
+    )
+}
+
+/// A readable one-page PDF that also holds an object stream (which lopdf inflates while it
+/// loads, before anything else runs) of about `inflated` bytes.
+pub fn object_stream_bomb_pdf(inflated: u64) -> Vec<u8> {
+    let bomb = stream(
+        "/Type /ObjStm /N 1 /First 4 /Filter /FlateDecode",
+        &repeated_zlib(inflated),
+    );
+    readable_raw_pdf("object stream", vec![bomb])
+}
+
+/// A one-page PDF showing `text` (objects 1 to 5), then `more` objects.
+fn readable_raw_pdf(text: &str, more: Vec<Vec<u8>>) -> Vec<u8> {
+    let content = stream(
+        "",
+        format!("BT /F1 12 Tf 50 700 Td ({text}) Tj ET").as_bytes(),
+    );
+    let font = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_vec();
+    let objects: Vec<Vec<u8>> = [content, font].into_iter().chain(more).collect();
+    raw_pdf(&objects, "", "/Resources << /Font << /F1 5 0 R >> >> ")
+}
+
+/// A readable one-page PDF updated once, its update's cross-reference a stream of about
+/// `inflated` bytes (which lopdf inflates first of all, to find the objects).
+pub fn xref_stream_bomb_pdf(inflated: u64) -> Vec<u8> {
+    let mut out = readable_raw_pdf("cross-reference stream", vec![]);
+    let previous = String::from_utf8_lossy(&out)
+        .rsplit("startxref")
+        .next()
+        .and_then(|tail| tail.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap();
+    let offset = out.len();
+    let data = repeated_zlib(inflated);
+    out.extend_from_slice(
+        format!(
+            "6 0 obj\n<< /Type /XRef /Size 7 /W [1 4 2] /Prev {previous} /Root 1 0 R \
+             /Filter /FlateDecode /Length {} >>\nstream\n",
+            data.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(&data);
+    out.extend_from_slice(format!("\nendstream\nendobj\nstartxref\n{offset}\n%%EOF\n").as_bytes());
+    out
+}
+
+/// A zlib stream of about `inflated` bytes of `0 0 m` lines, made in milliseconds: each MiB is
+/// compressed once after a full flush (which resets the compressor), so every following MiB
+/// compresses to the same bytes, repeated. (Its checksum covers one MiB only: readers inflate
+/// everything before they check it.)
+fn repeated_zlib(inflated: u64) -> Vec<u8> {
+    use flate2::{Compress, Compression, FlushCompress};
+    let chunk = b"0 0 m\n".repeat((1 << 20) / 6);
+    let mut compress = Compress::new(Compression::best(), true);
+    let mut block = |input: &[u8], flush| {
+        let mut out = Vec::with_capacity(64 << 10);
+        let before = compress.total_in();
+        compress.compress_vec(input, &mut out, flush).unwrap();
+        assert_eq!(compress.total_in() - before, input.len() as u64);
+        out
+    };
+    let mut data = block(&chunk, FlushCompress::Full);
+    let repeated = block(&chunk, FlushCompress::Full);
+    for _ in 2..inflated.div_ceil(chunk.len() as u64) {
+        data.extend_from_slice(&repeated);
     }
-    let data = encoder.finish().unwrap();
-    raw_pdf(&[stream("/Filter /FlateDecode", &data)], "", "")
+    data.extend_from_slice(&block(&chunk, FlushCompress::Finish));
+    data
 }
 
 /// A PDF whose page dictionary holds arrays nested `depth` deep.

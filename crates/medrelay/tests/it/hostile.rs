@@ -12,7 +12,8 @@ use serde_json::Value;
 use crate::claude_mock::{Mock, Reply, extraction};
 use crate::fixtures::{
     active_pdf_with_appended_zip, apng, corpus_file, deeply_nested_pdf, flate_bomb_pdf,
-    pdf_claiming_pages, pixel_flood_png, png, png_with_chunk_bombs, text_pdf,
+    nested_flate_bomb_pdf, object_stream_bomb_pdf, pdf_claiming_pages, pixel_flood_png, png,
+    png_with_chunk_bombs, text_pdf, xref_stream_bomb_pdf,
 };
 use crate::harness::{Backend, drop_postgres};
 use crate::server::{Server, backend_env, wait_terminal};
@@ -117,9 +118,26 @@ async fn hostile_documents_end_alone(processor: Processor, backend: Backend) {
     truncated.truncate(truncated.len() / 2);
     let cases: Vec<(&str, Vec<u8>, Expect)> = vec![
         (
-            "a Flate bomb (9 MB inflating to 6 GB)",
+            "a Flate bomb (6 MB inflating to 6 GiB)",
             cached(&FLATE_BOMB, || flate_bomb_pdf(6 << 30)),
             Expect::Fails("document-too-complex"),
+        ),
+        (
+            "Flate inside Flate (a few kB inflating to 10 GiB)",
+            nested_flate_bomb_pdf(10 << 30),
+            Expect::Fails("document-too-complex"),
+        ),
+        (
+            "an object stream inflating to 6 GiB (lopdf inflates those while loading)",
+            object_stream_bomb_pdf(6 << 30),
+            Expect::Fails("document-too-complex"),
+        ),
+        (
+            // lopdf's inflation stops at the child's address-space limit (an allocation that
+            // fails is an error there, not an abort); the tolerant reader then finds the page.
+            "a cross-reference stream inflating to 6 GiB over a readable page",
+            xref_stream_bomb_pdf(6 << 30),
+            Expect::Succeeds,
         ),
         (
             "arrays nested 10,000 deep",

@@ -5,9 +5,9 @@
 //! and re-serialising copy them as they are), so a large scan passes where a bomb of the same
 //! size does not.
 
+mod decoded;
 mod tolerant;
 
-use std::io::Read;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use lopdf::{Document, Object};
@@ -19,7 +19,7 @@ pub fn open(bytes: &[u8], limits: &ParseLimits) -> Result<Document, Refusal> {
     let tolerant =
         || catch_unwind(|| tolerant::read(bytes, limits)).unwrap_or(Err(Refusal::Unreadable));
     let cap = limits.pdf_max_inflated_bytes;
-    let (doc, streams) = match strict(bytes) {
+    let (doc, streams) = match strict(bytes, cap) {
         Ok(doc) => {
             let streams = inflated(&doc, cap);
             let partly = read_partly(&doc);
@@ -52,10 +52,12 @@ pub fn open(bytes: &[u8], limits: &ParseLimits) -> Result<Document, Refusal> {
 }
 
 /// lopdf's reading: fast and exact on well-formed files; `Unreadable` for anything it cannot
-/// read whole (its page tree included), or whose streams it could not decode.
-fn strict(bytes: &[u8]) -> Result<Document, Refusal> {
-    let doc = match catch_unwind(|| Document::load_mem(bytes)) {
-        Ok(Ok(doc)) => doc,
+/// read whole (its page tree included), or whose streams it could not decode; `TooComplex`
+/// when the object streams it inflates while loading would inflate past `cap`.
+fn strict(bytes: &[u8], cap: u64) -> Result<Document, Refusal> {
+    let doc = match catch_unwind(|| decoded::load_guard::load(bytes, cap)) {
+        Ok(Ok(Some(doc))) => doc,
+        Ok(Ok(None)) => return Err(Refusal::TooComplex),
         Ok(Err(lopdf::Error::Decryption(_) | lopdf::Error::InvalidPassword)) => {
             return Err(Refusal::Encrypted);
         }
@@ -140,8 +142,8 @@ struct Inflated {
     damaged: usize,
 }
 
-/// Measures the non-image Flate streams up to just past `cap`. Only Flate is measured: it is
-/// the filter that amplifies; the others are bounded by their input.
+/// Measures the non-image streams through their whole filter chain, up to just past `cap`
+/// (decoded into a bounded sink, a middle stage of a chain held within the cap, never more).
 fn inflated(doc: &Document, cap: u64) -> Inflated {
     let mut measured = Inflated {
         bytes: 0,
@@ -156,41 +158,21 @@ fn inflated(doc: &Document, cap: u64) -> Inflated {
             .get(b"Subtype")
             .and_then(Object::as_name)
             .is_ok_and(|s| s == b"Image");
-        let flate = stream
-            .filters()
-            .is_ok_and(|f| f.first().is_some_and(|f| *f == b"FlateDecode"));
-        if is_image || !flate {
+        if is_image {
             measured.bytes += stream.content.len() as u64;
         } else {
-            let remaining = cap.saturating_sub(measured.bytes) + 1;
-            let mut decoder =
-                flate2::read::ZlibDecoder::new(stream.content.as_slice()).take(remaining);
-            let mut sink = Counter(0);
-            // A damaged stream counts what it inflated before the damage.
-            if std::io::copy(&mut decoder, &mut sink).is_err() {
+            let left = cap.saturating_sub(measured.bytes);
+            // A damaged stream counts what it decoded before the damage.
+            measured.bytes += decoded::decoded_len(stream, left).unwrap_or_else(|partly| {
                 measured.damaged += 1;
-            }
-            measured.bytes += sink.0;
+                partly
+            });
         }
         if measured.bytes > cap {
             break;
         }
     }
     measured
-}
-
-/// A sink that counts what it is given.
-struct Counter(u64);
-
-impl std::io::Write for Counter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len() as u64;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -298,6 +280,73 @@ mod tests {
         );
         // 2 pages x 5 MB of image: far over the cap, and fine: images are not inflated.
         assert!(open(&pdf(2, 1_000, 5_000_000, 1), &limits()).is_ok());
+    }
+
+    /// [`pdf`] with its objects in object streams (and its cross-reference in a stream), as
+    /// modern writers save, one of them a string of `padding` spaces (so that its object
+    /// stream inflates to more).
+    fn modern_pdf(pages: usize, padding: usize) -> Vec<u8> {
+        let mut doc = Document::load_mem(&pdf(pages, 10, 10, 1)).unwrap();
+        let pad = doc.add_object(dictionary! {
+            "Pad" => Object::string_literal(vec![b' '; padding]),
+        });
+        let root = doc.trailer.get(b"Root").unwrap().as_reference().unwrap();
+        doc.get_dictionary_mut(root).unwrap().set("Pad", pad);
+        let mut out = Vec::new();
+        doc.save_modern(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn object_streams_that_lopdf_inflates_while_loading_count_against_the_cap() {
+        let modern = modern_pdf(3, 0);
+        assert!(
+            memchr::memmem::find(&modern, b"/ObjStm").is_some(),
+            "the fixture has object streams"
+        );
+        assert!(open(&modern, &limits()).is_ok());
+        // 1 MB of spaces in an object stream: over the 100 kB cap before lopdf inflates it.
+        let padded = modern_pdf(3, 1_000_000);
+        assert!(matches!(
+            decoded::load_guard::load(&padded, 100_000),
+            Ok(None)
+        ));
+        assert!(matches!(
+            decoded::load_guard::load(&padded, 2_000_000),
+            Ok(Some(_))
+        ));
+        assert_eq!(open(&padded, &limits()).err(), Some(Refusal::TooComplex));
+        let generous = ParseLimits {
+            pdf_max_inflated_bytes: 10_000_000,
+            ..limits()
+        };
+        assert!(open(&padded, &generous).is_ok());
+    }
+
+    #[test]
+    fn flate_inside_flate_counts_what_the_inner_layer_inflates_to() {
+        let mut doc = Document::load_mem(&pdf(1, 10, 10, 1)).unwrap();
+        for object in doc.objects.values_mut() {
+            if let Object::Stream(stream) = object
+                && !stream.dict.has(b"Subtype")
+            {
+                // 1 MB of drawing commands, compressed twice: a few kB in the file.
+                stream.set_plain_content(b"1 w\n".repeat(250_000));
+                stream.compress().unwrap();
+                let once = stream.content.clone();
+                let mut twice = Stream::new(dictionary! {}, once);
+                twice.compress().unwrap();
+                stream.set_content(twice.content);
+                stream.dict.set(
+                    "Filter",
+                    vec![Object::from("FlateDecode"), Object::from("FlateDecode")],
+                );
+            }
+        }
+        let mut out = Vec::new();
+        doc.save_to(&mut out).unwrap();
+        assert!(out.len() < 20_000, "{} bytes", out.len());
+        assert_eq!(open(&out, &limits()).err(), Some(Refusal::TooComplex));
     }
 
     #[test]

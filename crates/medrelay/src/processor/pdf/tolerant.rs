@@ -155,6 +155,15 @@ impl Copy<'_> {
         if copied_as_is(&dict) {
             return Ok(as_is(dict));
         }
+        // Measured within what is left of the cap before hayro-syntax decodes it whole.
+        let left = self
+            .limits
+            .pdf_max_inflated_bytes
+            .saturating_sub(self.decoded_bytes);
+        let raw = Stream::new(dict.clone(), stream.raw_data().to_vec()).with_compression(false);
+        if super::decoded::decoded_len(&raw, left).is_ok_and(|len| len > left) {
+            return Err(Refusal::TooComplex);
+        }
         // A stream that does not decode is kept as it is: reading its page fails, not the file.
         let Ok(decoded) = stream.decoded() else {
             return Ok(as_is(dict));
