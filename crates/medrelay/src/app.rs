@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -172,13 +172,26 @@ fn serve(
 ) {
     tasks.spawn(async move {
         axum::serve(
-            listener,
+            no_delay(listener),
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .context("serving HTTP")
     });
+}
+
+/// `listener`, its accepted connections with `TCP_NODELAY`: an answer leaves at once instead of
+/// waiting for the client's delayed ACK of the previous small write (Nagle's algorithm; an
+/// event stream's head and first event are two small writes, 40 ms apart without this).
+fn no_delay(listener: TcpListener) -> axum::serve::TapIo<TcpListener, fn(&mut TcpStream)> {
+    use axum::serve::ListenerExt;
+    fn set(tcp: &mut TcpStream) {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY could not be set on a connection");
+        }
+    }
+    listener.tap_io(set)
 }
 
 /// How often the clock is aligned with the database's again (own clocks drift, and NTP steps).
@@ -197,5 +210,24 @@ async fn keep_clock_aligned(db: Db, shutdown: CancellationToken) -> anyhow::Resu
             }
             Err(e) => tracing::warn!(error = %e, "aligning the clock with the database failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::serve::Listener;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_no_delay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut listener = no_delay(listener);
+        let client = tokio::net::TcpStream::connect(addr);
+        let ((accepted, _), client) = tokio::join!(listener.accept(), client);
+        let client = client.unwrap();
+        assert!(!client.nodelay().unwrap(), "a plain socket has Nagle on");
+        assert!(accepted.nodelay().unwrap());
     }
 }
