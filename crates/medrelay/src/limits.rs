@@ -163,25 +163,27 @@ impl Limits {
         }
     }
 
-    /// Admits one upload of the user: a slot of this instance and one of the user's, if the
-    /// user's uploads in flight, active jobs and uploads of the last hour (uploads in flight
-    /// counted as the jobs they will become) leave room. Held until the permit is dropped.
-    pub async fn admit_upload(&self, prefix: &UserPrefix) -> Result<Permit, Error> {
+    /// Admits one upload of the user: a slot of this instance, if the user's uploads in
+    /// flight, active jobs and uploads of the last hour (uploads in flight counted as the jobs
+    /// they will become) leave room. This check reads and writes nothing; an upload that
+    /// lasts takes a slot of the user's with [`Admission::hold_slot`], and the job's insert
+    /// checks again with the user locked ([`Admission::at_insert`]).
+    pub async fn admit_upload(&self, prefix: &UserPrefix) -> Result<Admission, Error> {
         let instance = self
             .uploads
             .clone()
             .try_acquire_owned()
             .map_err(|_| refused(Limit::InstanceUploads, UPLOAD_SLOT_RETRY))?;
-        let rules = self.rules;
         let now = now_millis();
-        let expires_at = now + millis(rules.upload_deadline + UPLOAD_SLOT_GRACE);
-        let slot = self
-            .take(prefix, SlotKind::Upload, now, expires_at, |usage| {
-                upload_decision(&rules, usage, now)
-            })
+        let usage = self
+            .db
+            .usage(prefix, SlotKind::Upload, now, now - HOUR_MS)
             .await?;
-        Ok(Permit {
-            slot,
+        upload_decision(&self.rules, &usage, now, Uploading::Starts).map_err(Error::Refused)?;
+        Ok(Admission {
+            limits: self.clone(),
+            prefix: prefix.clone(),
+            slot: parking_lot::Mutex::new(None),
             _instance: instance,
         })
     }
@@ -263,10 +265,26 @@ fn refused(limit: Limit, retry_after: Duration) -> Error {
     Error::Refused(Refused::new(limit, retry_after))
 }
 
-/// Whether one more upload fits the user's limits; in-flight uploads count as the jobs they
-/// are about to become.
-fn upload_decision(rules: &Rules, usage: &Usage, now: i64) -> Result<(), Refused> {
-    if usage.slots >= rules.user_concurrent_uploads {
+/// Where an upload is when its user's limits are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Uploading {
+    /// Before its first byte, or when it takes a slot because it lasts: the slots counted
+    /// are the others'.
+    Starts,
+    /// At its job's insert: no slot is taken any more, and its own (if it held one) is not
+    /// counted.
+    Ends,
+}
+
+/// Whether one more upload fits the user's limits; the others' uploads in flight count as the
+/// jobs they are about to become.
+fn upload_decision(
+    rules: &Rules,
+    usage: &Usage,
+    now: i64,
+    uploading: Uploading,
+) -> Result<(), Refused> {
+    if uploading == Uploading::Starts && usage.slots >= rules.user_concurrent_uploads {
         return Err(Refused::new(
             Limit::UserConcurrentUploads,
             UPLOAD_SLOT_RETRY,
@@ -291,7 +309,74 @@ fn upload_decision(rules: &Rules, usage: &Usage, now: i64) -> Result<(), Refused
     Ok(())
 }
 
-/// An admitted upload or stream: released when dropped.
+/// How long an upload runs before it takes a slot of its user's: most uploads end sooner
+/// and cost no write for the slot (the job's insert is their one commit); one that lasts
+/// counts against the user's uploads in flight from then on.
+pub const UPLOAD_SLOT_AFTER: Duration = Duration::from_secs(1);
+
+/// An admitted upload: this instance's slot, and the user's once the upload lasts. Released
+/// when dropped.
+pub struct Admission {
+    limits: Limits,
+    prefix: UserPrefix,
+    slot: parking_lot::Mutex<Option<Slot>>,
+    _instance: OwnedSemaphorePermit,
+}
+
+impl Admission {
+    /// Takes a slot of the user's for the rest of this upload, if the user's limits (read
+    /// with the user locked) leave room.
+    pub async fn hold_slot(&self) -> Result<(), Error> {
+        let rules = self.limits.rules;
+        let now = now_millis();
+        let expires_at = now + millis(rules.upload_deadline + UPLOAD_SLOT_GRACE);
+        let slot = self
+            .limits
+            .take(&self.prefix, SlotKind::Upload, now, expires_at, |usage| {
+                upload_decision(&rules, usage, now, Uploading::Starts)
+            })
+            .await?;
+        *self.slot.lock() = Some(slot);
+        Ok(())
+    }
+
+    /// What the job's insert needs to check this upload again, in its own transaction with
+    /// the user locked: the slot it holds (deleted in the same commit, so that the user never
+    /// counts both), where the hour's window starts, and the decision.
+    pub fn at_insert(
+        &self,
+    ) -> (
+        Option<String>,
+        i64,
+        impl FnOnce(&Usage) -> Result<(), Refused> + use<>,
+    ) {
+        let rules = self.limits.rules;
+        let own = self.slot.lock().as_ref().map(|slot| slot.id.clone());
+        let held = i64::from(own.is_some());
+        let now = now_millis();
+        let decide = move |usage: &Usage| {
+            let others = Usage {
+                slots: usage.slots - held,
+                ..*usage
+            };
+            upload_decision(&rules, &others, now, Uploading::Ends)
+        };
+        (own, now - HOUR_MS, decide)
+    }
+
+    /// Releases the user's slot now, if one was taken and is still there (dropping the
+    /// admission releases it too, a moment later).
+    pub async fn release(self) {
+        let slot = self.slot.lock().take();
+        if let Some(mut slot) = slot
+            && slot.db.release_slot(&slot.id).await.is_ok()
+        {
+            slot.id.clear();
+        }
+    }
+}
+
+/// An admitted stream: released when dropped.
 pub struct Permit {
     slot: Slot,
     _instance: OwnedSemaphorePermit,
@@ -400,13 +485,25 @@ mod tests {
     fn each_user_limit_refuses_at_its_cap_and_not_before() {
         let now = 10 * HOUR_MS;
         let rules = rules();
-        assert!(upload_decision(&rules, &usage(3, 16, 116), now).is_ok());
-        let limit = |u: Usage| upload_decision(&rules, &u, now).unwrap_err().limit;
+        assert!(upload_decision(&rules, &usage(3, 16, 116), now, Uploading::Starts).is_ok());
+        let limit = |u: Usage| {
+            upload_decision(&rules, &u, now, Uploading::Starts)
+                .unwrap_err()
+                .limit
+        };
         assert_eq!(limit(usage(4, 0, 0)), Limit::UserConcurrentUploads);
         assert_eq!(limit(usage(0, 20, 20)), Limit::UserActiveJobs);
         // Uploads in flight count as the jobs they are about to become.
         assert_eq!(limit(usage(2, 18, 18)), Limit::UserActiveJobs);
         assert_eq!(limit(usage(1, 0, 119)), Limit::UserUploadsPerHour);
+        // At the job's insert no slot is taken: only the jobs and the others' slots count.
+        let at_insert = |u: Usage| upload_decision(&rules, &u, now, Uploading::Ends);
+        assert!(at_insert(usage(4, 0, 0)).is_ok());
+        assert!(at_insert(usage(3, 16, 116)).is_ok());
+        assert_eq!(
+            at_insert(usage(2, 18, 18)).unwrap_err().limit,
+            Limit::UserActiveJobs
+        );
     }
 
     #[test]
@@ -414,7 +511,7 @@ mod tests {
         let now = 10 * HOUR_MS;
         let mut full = usage(0, 0, 120);
         full.oldest_recent_upload = Some(now - HOUR_MS + 90_500);
-        let refused = upload_decision(&rules(), &full, now).unwrap_err();
+        let refused = upload_decision(&rules(), &full, now, Uploading::Starts).unwrap_err();
         assert_eq!(refused.limit, Limit::UserUploadsPerHour);
         assert_eq!(refused.retry_after_secs(), 91);
     }

@@ -29,14 +29,9 @@ pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result
     // Cancelled only after the grace period: jobs keep running while we drain.
     let hard_stop = CancellationToken::new();
     let poll = state.settings.poll_interval;
+    let maintenance = AbortOnDrop(tokio::spawn(maintain(state.clone(), shutdown.clone())));
     loop {
         while jobs.try_join_next().is_some() {}
-        if let Err(e) = crate::purge::run_pending(lifecycle).await {
-            tracing::error!(error = %e, "a purge failed; retrying");
-        }
-        if let Err(e) = lifecycle.end_exhausted().await {
-            tracing::warn!(error = %e, "ending exhausted jobs failed");
-        }
         let free = slots.available_permits();
         if free > 0 {
             match lifecycle.claim(free).await {
@@ -70,6 +65,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result
             _ = tokio::time::sleep(poll) => {}
         }
     }
+    drop(maintenance);
     let grace = state.settings.shutdown_grace;
     let drained =
         tokio::time::timeout(grace, async { while jobs.join_next().await.is_some() {} }).await;
@@ -82,6 +78,29 @@ pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result
         while jobs.join_next().await.is_some() {}
     }
     Ok(())
+}
+
+/// The worker's periodic work, on its own timer (every `MEDRELAY_POLL_INTERVAL`, and at once
+/// when a purge is due) rather than once per job: pending purges, leases that ran out
+/// (queued again, or ended when they keep dying).
+async fn maintain(state: AppState, shutdown: CancellationToken) {
+    let lifecycle = &state.lifecycle;
+    loop {
+        if let Err(e) = crate::purge::run_pending(lifecycle).await {
+            tracing::error!(error = %e, "a purge failed; retrying");
+        }
+        if let Err(e) = lifecycle.end_exhausted().await {
+            tracing::warn!(error = %e, "ending exhausted jobs failed");
+        }
+        if let Err(e) = lifecycle.rescue_lost_leases().await {
+            tracing::warn!(error = %e, "queuing jobs with lost leases again failed");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = lifecycle.maintenance_woken() => {}
+            _ = tokio::time::sleep(state.settings.poll_interval) => {}
+        }
+    }
 }
 
 /// Processes one claimed job to its next state.

@@ -7,7 +7,7 @@
 //! user's slots one at a time; SQLite's first write takes its single write lock. What the
 //! transaction reads after that write is therefore what it decides on.
 
-use super::{Db, Result};
+use super::{Db, Inserted, JobRow, NewJob, Result};
 use crate::ids::UserPrefix;
 
 /// What a slot is held for.
@@ -52,9 +52,43 @@ const USAGE: &str = "SELECT \
 const TAKE_SLOT: &str =
     "INSERT INTO user_slots (id, user_prefix, kind, expires_at) VALUES ($1, $2, $3, $4)";
 
+const RELEASE_SLOT: &str = "DELETE FROM user_slots WHERE id = $1";
+
+const INSERT_JOB: &str = "INSERT INTO jobs (id, user_id, user_prefix, status, media_type, \
+     size_bytes, attempts, max_attempts, run_at, idempotency_key, created_at, updated_at, \
+     expires_at, document_kek, document_dek) \
+     VALUES ($1, $2, $3, 'queued', $4, $5, 0, $6, $7, $8, $12, $7, $9, $10, $11) \
+     RETURNING *";
+
 const CALLS: &str = "SELECT count(*) FROM provider_calls WHERE user_prefix = $1 AND called_at > $2";
 
 impl Db {
+    /// Reads the user's usage as it is now, without a lock and without a write (the early
+    /// check of an upload; the job's insert checks again with the user locked).
+    pub async fn usage(
+        &self,
+        prefix: &UserPrefix,
+        kind: SlotKind,
+        now: i64,
+        since: i64,
+    ) -> Result<Usage> {
+        let (slots, active_jobs, recent_uploads, oldest_recent_upload) = on_pool!(self, |p| {
+            sqlx::query_as::<_, (i64, i64, i64, Option<i64>)>(USAGE)
+                .bind(prefix)
+                .bind(kind.as_str())
+                .bind(now)
+                .bind(since)
+                .fetch_one(p)
+                .await
+        })?;
+        Ok(Usage {
+            slots,
+            active_jobs,
+            recent_uploads,
+            oldest_recent_upload,
+        })
+    }
+
     /// Reads the user's usage with the user locked; takes a slot of `kind` until `expires_at`
     /// when `decide` allows it. `since` starts the window of recent uploads. Returns what
     /// `decide` returned.
@@ -108,6 +142,86 @@ impl Db {
         })
     }
 
+    /// Commits a new queued job if the user's usage, read with the user locked in the same
+    /// transaction, lets `decide` admit it; the upload's own slot (if it held one) goes in the
+    /// same commit. `since` starts the window of recent uploads. A concurrent twin with the
+    /// same idempotency key yields `Existing` instead of a second job (and is not refused: it
+    /// creates nothing).
+    pub async fn insert_job_admitted<E>(
+        &self,
+        job: &NewJob,
+        own_slot: Option<&str>,
+        since: i64,
+        decide: impl FnOnce(&Usage) -> std::result::Result<(), E>,
+    ) -> Result<std::result::Result<Inserted, E>> {
+        let inserted = on_pool!(self, |p| {
+            async {
+                let mut tx = p.begin().await?;
+                sqlx::query(LOCK_USER)
+                    .bind(&job.user_prefix)
+                    .execute(&mut *tx)
+                    .await?;
+                let (slots, active_jobs, recent_uploads, oldest_recent_upload) =
+                    sqlx::query_as::<_, (i64, i64, i64, Option<i64>)>(USAGE)
+                        .bind(&job.user_prefix)
+                        .bind(SlotKind::Upload.as_str())
+                        .bind(job.now)
+                        .bind(since)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                let usage = Usage {
+                    slots,
+                    active_jobs,
+                    recent_uploads,
+                    oldest_recent_upload,
+                };
+                if let Err(refused) = decide(&usage) {
+                    return Ok(Err(refused));
+                }
+                if let Some(slot) = own_slot {
+                    sqlx::query(RELEASE_SLOT)
+                        .bind(slot)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let row = sqlx::query_as::<_, JobRow>(INSERT_JOB)
+                    .bind(&job.id)
+                    .bind(&job.user_id)
+                    .bind(&job.user_prefix)
+                    .bind(job.media_type)
+                    .bind(job.size_bytes)
+                    .bind(job.max_attempts)
+                    .bind(job.now)
+                    .bind(&job.idempotency_key)
+                    .bind(job.expires_at)
+                    .bind(&job.document_key.kid)
+                    .bind(&job.document_key.bytes)
+                    .bind(job.created_at)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(Ok(row))
+            }
+            .await
+        });
+        match inserted {
+            Ok(Ok(row)) => Ok(Ok(Inserted::Created(Box::new(row)))),
+            Ok(Err(refused)) => Ok(Err(refused)),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                let Some(key) = job.idempotency_key.as_deref() else {
+                    return Err(sqlx::Error::Database(e).into());
+                };
+                // The twin committed first; it is there to read (a vanished twin is a bug).
+                let existing = self
+                    .find_by_idempotency_key(&job.user_id, key)
+                    .await?
+                    .ok_or(super::DbError::NotFound)?;
+                Ok(Ok(Inserted::Existing(Box::new(existing))))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Keeps a slot (an open stream) alive until `expires_at`.
     pub async fn renew_slot(&self, slot_id: &str, expires_at: i64) -> Result<()> {
         let sql = "UPDATE user_slots SET expires_at = $1 WHERE id = $2";
@@ -121,8 +235,7 @@ impl Db {
     }
 
     pub async fn release_slot(&self, slot_id: &str) -> Result<()> {
-        let sql = "DELETE FROM user_slots WHERE id = $1";
-        on_pool!(self, |p| sqlx::query(sql)
+        on_pool!(self, |p| sqlx::query(RELEASE_SLOT)
             .bind(slot_id)
             .execute(p)
             .await

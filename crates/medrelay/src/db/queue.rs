@@ -4,6 +4,7 @@
 //! Every transition of a claimed job is a compare-and-set on its status and lease token, so a
 //! late writer changes nothing. The attempt is counted at the claim, so a crash counts too.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use super::{Db, Inserted, JobRow, NewJob, Result};
@@ -12,74 +13,43 @@ use crate::crypto::WrappedKey;
 use crate::ids::{JobId, LeaseToken};
 use crate::model::JobError;
 
-// A job rescued from a lost lease counts it; one that already lost a lease is not rescued
-// again (a poison pill, ended by `fail_poisoned`).
+// The claim reads the `jobs_waiting` partial index in run_at order and stops at its LIMIT:
+// its WHERE repeats the index's predicate term for term (SQLite uses a partial index only
+// then), and has no `OR`, so its cost does not grow with the jobs that are not waiting
+// (`tests/it/queue.rs` checks both plans). Jobs whose lease ran out are not claimed here:
+// `rescue_lost_leases` queues them again, on the worker's timer.
 //
 // The locked rows are picked once, in a MATERIALIZED CTE: with `WHERE id IN (SELECT … LIMIT n
 // FOR UPDATE SKIP LOCKED)` the planner may run the subquery more than once (as the inner side
 // of a join) and claim more than `n` rows, which then wait for a worker slot without a
 // heartbeat while their leases lapse.
-const CLAIM_POSTGRES: &str = "WITH picked AS MATERIALIZED (SELECT id FROM jobs \
-        WHERE deleted_at IS NULL AND expires_at > $3 AND attempts < max_attempts \
-        AND ((status IN ('queued', 'retry_scheduled') AND run_at <= $3) \
-             OR (status = 'processing' AND lease_until < $3 AND lost_leases < 1)) \
-        ORDER BY run_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
-     UPDATE jobs SET status = 'processing', attempts = attempts + 1, \
-     lost_leases = lost_leases + CASE WHEN status = 'processing' THEN 1 ELSE 0 END, \
-     lease_token = $1, lease_until = $2, updated_at = $3, next_attempt_at = NULL \
-     FROM picked WHERE jobs.id = picked.id \
-     RETURNING jobs.*";
+const CLAIM_PICK: &str = "SELECT id FROM jobs \
+        WHERE deleted_at IS NULL AND status IN ('queued', 'retry_scheduled') \
+        AND run_at <= $3 AND expires_at > $3 AND attempts < max_attempts \
+        ORDER BY run_at LIMIT $4";
+
+const CLAIM_SET: &str = "SET status = 'processing', attempts = attempts + 1, \
+     lease_token = $1, lease_until = $2, updated_at = $3, next_attempt_at = NULL";
+
+static CLAIM_POSTGRES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH picked AS MATERIALIZED ({CLAIM_PICK} FOR UPDATE SKIP LOCKED) \
+         UPDATE jobs {CLAIM_SET} FROM picked WHERE jobs.id = picked.id RETURNING jobs.*"
+    )
+});
 
 // SQLite has one writer at a time and runs this statement atomically; no row locks needed.
-const CLAIM_SQLITE: &str = "UPDATE jobs SET status = 'processing', attempts = attempts + 1, \
-     lost_leases = lost_leases + CASE WHEN status = 'processing' THEN 1 ELSE 0 END, \
-     lease_token = $1, lease_until = $2, updated_at = $3, next_attempt_at = NULL \
-     WHERE id IN (SELECT id FROM jobs WHERE deleted_at IS NULL AND expires_at > $3 \
-        AND attempts < max_attempts \
-        AND ((status IN ('queued', 'retry_scheduled') AND run_at <= $3) \
-             OR (status = 'processing' AND lease_until < $3 AND lost_leases < 1)) \
-        ORDER BY run_at LIMIT $4) \
-     RETURNING *";
+static CLAIM_SQLITE: LazyLock<String> =
+    LazyLock::new(|| format!("UPDATE jobs {CLAIM_SET} WHERE id IN ({CLAIM_PICK}) RETURNING *"));
 
 impl Db {
-    /// Commits a new queued job. A concurrent twin with the same idempotency key yields
-    /// `Existing` instead of a second job.
+    /// Commits a new queued job without a limit (tests, tools). A concurrent twin with the
+    /// same idempotency key yields `Existing` instead of a second job.
     pub async fn insert_job(&self, job: &NewJob) -> Result<Inserted> {
-        let sql = "INSERT INTO jobs (id, user_id, user_prefix, status, media_type, size_bytes, \
-                   attempts, max_attempts, run_at, idempotency_key, created_at, updated_at, \
-                   expires_at, document_kek, document_dek) \
-                   VALUES ($1, $2, $3, 'queued', $4, $5, 0, $6, $7, $8, $12, $7, $9, $10, $11) \
-                   RETURNING *";
-        let inserted = on_pool!(self, |p| sqlx::query_as::<_, JobRow>(sql)
-            .bind(&job.id)
-            .bind(&job.user_id)
-            .bind(&job.user_prefix)
-            .bind(job.media_type)
-            .bind(job.size_bytes)
-            .bind(job.max_attempts)
-            .bind(job.now)
-            .bind(&job.idempotency_key)
-            .bind(job.expires_at)
-            .bind(&job.document_key.kid)
-            .bind(&job.document_key.bytes)
-            .bind(job.created_at)
-            .fetch_one(p)
-            .await);
-        match inserted {
-            Ok(row) => Ok(Inserted::Created(Box::new(row))),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                let Some(key) = job.idempotency_key.as_deref() else {
-                    return Err(sqlx::Error::Database(e).into());
-                };
-                // The twin committed first; it is there to read (a vanished twin is a bug).
-                let existing = self
-                    .find_by_idempotency_key(&job.user_id, key)
-                    .await?
-                    .ok_or(super::DbError::NotFound)?;
-                Ok(Inserted::Existing(Box::new(existing)))
-            }
-            Err(e) => Err(e.into()),
-        }
+        let admitted = self
+            .insert_job_admitted(job, None, 0, |_| Ok::<(), std::convert::Infallible>(()))
+            .await?;
+        Ok(admitted.unwrap_or_else(|never| match never {}))
     }
 
     /// Claims up to `limit` due jobs (queued, due for retry, or with an expired lease) under a
@@ -94,7 +64,7 @@ impl Db {
         let lease_until = now + millis(lease);
         let rows = match self {
             Db::Sqlite(p) => {
-                sqlx::query_as::<_, JobRow>(CLAIM_SQLITE)
+                sqlx::query_as::<_, JobRow>(CLAIM_SQLITE.as_str())
                     .bind(lease_token)
                     .bind(lease_until)
                     .bind(now)
@@ -103,7 +73,7 @@ impl Db {
                     .await
             }
             Db::Postgres(p) => {
-                sqlx::query_as::<_, JobRow>(CLAIM_POSTGRES)
+                sqlx::query_as::<_, JobRow>(CLAIM_POSTGRES.as_str())
                     .bind(lease_token)
                     .bind(lease_until)
                     .bind(now)
@@ -113,6 +83,40 @@ impl Db {
             }
         }?;
         Ok(rows)
+    }
+
+    /// The database's plan for the claim's read of waiting jobs (`EXPLAIN` on PostgreSQL,
+    /// `EXPLAIN QUERY PLAN` on SQLite), one line per plan row: for operators, and for the
+    /// test that keeps the claim on its index.
+    pub async fn explain_claim(&self) -> Result<Vec<String>> {
+        // The read alone, its two parameters (now and the limit) renumbered.
+        let pick = CLAIM_PICK.replace("$3", "$1").replace("$4", "$2");
+        let now = now_millis();
+        let lines = match self {
+            Db::Sqlite(p) => {
+                let sql = format!("EXPLAIN QUERY PLAN {pick}");
+                sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(sql))
+                    .bind(now)
+                    .bind(1i64)
+                    .fetch_all(p)
+                    .await?
+                    .into_iter()
+                    .map(|(_, _, _, detail)| detail)
+                    .collect()
+            }
+            Db::Postgres(p) => {
+                let sql = format!("EXPLAIN {pick} FOR UPDATE SKIP LOCKED");
+                sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql))
+                    .bind(now)
+                    .bind(1i64)
+                    .fetch_all(p)
+                    .await?
+                    .into_iter()
+                    .map(|(line,)| line)
+                    .collect()
+            }
+        };
+        Ok(lines)
     }
 
     /// Extends a lease. `false` when the lease was lost (the job moved on without us).
@@ -230,6 +234,22 @@ impl Db {
             .await
             .map(|r| r.rows_affected()))?;
         Ok(done == 1)
+    }
+
+    /// Queues again the jobs whose lease ran out (their worker died or hung) and that may be
+    /// tried again: attempts left and no lease lost before. The lost lease is counted; the
+    /// attempt was counted at the claim. Returns how many.
+    pub async fn rescue_lost_leases(&self) -> Result<u64> {
+        let sql = "UPDATE jobs SET status = 'queued', run_at = $1, lease_token = NULL, \
+                   lease_until = NULL, lost_leases = lost_leases + 1, updated_at = $1 \
+                   WHERE deleted_at IS NULL AND status = 'processing' AND lease_until < $1 \
+                   AND lost_leases < 1 AND attempts < max_attempts";
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(now_millis())
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done)
     }
 
     /// Fails, as unmanaged, jobs whose lease ran out a second time: their worker died twice

@@ -23,6 +23,7 @@ use crate::auth::User;
 use crate::clock::now_millis;
 use crate::error::{ApiError, Problem};
 use crate::lifecycle::Incoming;
+use crate::limits::{Admission, UPLOAD_SLOT_AFTER};
 use crate::model::Job;
 use crate::processor::sniff::SNIFF_LEN;
 use crate::processor::{Sniffed, sniff};
@@ -74,10 +75,6 @@ pub async fn create_document(
 ) -> Result<Response, ApiError> {
     let started = now_millis();
     let headers = request.headers().clone();
-    let multipart = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
 
     let pace = Pace::new(
         state.settings.upload_deadline_within_ttl(),
@@ -111,27 +108,42 @@ pub async fn create_document(
             return Err(e);
         }
     };
-    // Fair use before a byte is read: held until the job is committed or the upload refused.
+    // Fair use before a byte is read (a read, no write); an upload that lasts takes a slot of
+    // its user's; the job's insert checks again. Held until the job is committed or refused.
     let prefix = state.lifecycle.user_prefix(&user.id);
-    let permit = match state.limits.admit_upload(&prefix).await {
-        Ok(permit) => permit,
+    let admission = match state.limits.admit_upload(&prefix).await {
+        Ok(admission) => admission,
         Err(e) => {
             body.drain_in_background();
             return Err(e.into());
         }
     };
-    let answer = upload(
-        &state,
-        &user,
-        &headers,
-        multipart,
-        body,
-        started,
-        idempotency_key,
-    )
-    .await;
+    let answer = {
+        let receiving = upload(
+            &state,
+            &user,
+            &headers,
+            body.clone(),
+            started,
+            idempotency_key,
+            &admission,
+        );
+        tokio::pin!(receiving);
+        tokio::select! {
+            answer = &mut receiving => answer,
+            () = tokio::time::sleep(UPLOAD_SLOT_AFTER) => match admission.hold_slot().await {
+                Ok(()) => receiving.await,
+                Err(refused) => {
+                    // The body's next read fails, which aborts what was written; an upload that
+                    // had all its bytes already was decided by its insert.
+                    body.refuse();
+                    receiving.await.or(Err(refused.into()))
+                }
+            },
+        }
+    };
     // Released before the answer: a client that sends its next upload at once finds the slot free.
-    permit.release().await;
+    admission.release().await;
     answer
 }
 
@@ -141,12 +153,12 @@ async fn upload(
     state: &AppState,
     user: &User,
     headers: &HeaderMap,
-    multipart: bool,
     body: SharedBody,
     started: i64,
     idempotency_key: Option<String>,
+    admission: &Admission,
 ) -> Result<Response, ApiError> {
-    let received = receive(state, user, headers, multipart, body.clone(), started).await;
+    let received = receive(state, user, headers, body.clone(), started).await;
     let incoming = match received {
         Ok(incoming) => incoming,
         Err(e) if body.too_slow() || matches!(e, ApiError::UploadTimeout) => {
@@ -162,8 +174,14 @@ async fn upload(
             return Err(e);
         }
     };
-    let job = incoming.commit(idempotency_key).await?;
-    Ok(accepted(job))
+    let (own_slot, since, decide) = admission.at_insert();
+    match incoming
+        .commit(idempotency_key, own_slot.as_deref(), since, decide)
+        .await?
+    {
+        Ok(job) => Ok(accepted(job)),
+        Err(refused) => Err(crate::limits::Error::Refused(refused).into()),
+    }
 }
 
 /// Checks the request and streams its document into the store: the whole document, sealed,
@@ -172,10 +190,13 @@ async fn receive(
     state: &AppState,
     user: &User,
     headers: &HeaderMap,
-    multipart: bool,
     body: SharedBody,
     started: i64,
 ) -> Result<Incoming, ApiError> {
+    let multipart = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
     let limit = state.settings.max_upload_bytes;
     // Refuse what is too large before reading a byte of it.
     let declared = headers
@@ -231,6 +252,8 @@ struct SharedBody(Arc<Mutex<Paced>>);
 struct Paced {
     stream: BodyDataStream,
     pace: Pace,
+    /// A limit refused the upload while it was being received: the handler's next read fails.
+    refused: bool,
 }
 
 /// What may be drained after an early answer; a client sending more is cut off.
@@ -241,7 +264,11 @@ const MAX_DRAINS: usize = 64;
 
 impl SharedBody {
     fn new(stream: BodyDataStream, pace: Pace) -> Self {
-        Self(Arc::new(Mutex::new(Paced { stream, pace })))
+        Self(Arc::new(Mutex::new(Paced {
+            stream,
+            pace,
+            refused: false,
+        })))
     }
 
     /// Whether the upload was cut off by its deadline or the minimum rate.
@@ -249,10 +276,17 @@ impl SharedBody {
         self.0.lock().pace.cut_off
     }
 
+    /// Makes the handler's next read fail (a limit refused the upload mid-way).
+    fn refuse(&self) {
+        self.0.lock().refused = true;
+    }
+
     /// Reads what the client still sends, so that it reads our early answer instead of a
     /// broken pipe. At most [`MAX_DRAINS`] at once per instance: past that the body is
     /// dropped unread and the connection closes (a flood of refused uploads costs no reading).
     fn drain_in_background(self) {
+        // The drain reads what the handler no longer may.
+        self.0.lock().refused = false;
         static DRAINS: Semaphore = Semaphore::const_new(MAX_DRAINS);
         let Ok(permit) = DRAINS.try_acquire() else {
             metrics::counter!("medrelay_upload_drains_skipped_total").increment(1);
@@ -280,7 +314,14 @@ impl Stream for SharedBody {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut guard = self.0.lock();
-        let Paced { stream, pace } = &mut *guard;
+        let Paced {
+            stream,
+            pace,
+            refused,
+        } = &mut *guard;
+        if *refused {
+            return Poll::Ready(Some(Err(axum::Error::new("refused by a limit"))));
+        }
         if pace.cut_off || !pace.check(Instant::now()) {
             return Poll::Ready(Some(Err(pace.error())));
         }

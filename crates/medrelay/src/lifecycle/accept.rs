@@ -8,7 +8,7 @@ use object_store::path::Path;
 use super::{Error, Lifecycle};
 use crate::clock::{millis, now_millis};
 use crate::crypto::{SealingStream, WrappedKey};
-use crate::db::{Inserted, NewJob};
+use crate::db::{Inserted, NewJob, Usage};
 use crate::ids::{JobId, UserId, UserPrefix};
 use crate::model::Job;
 use crate::processor::MediaType;
@@ -93,8 +93,17 @@ impl Incoming {
     }
 
     /// Finishes the object, then commits its job (idempotently, with `idempotency_key`: a
-    /// request that lost the race to a twin gets the twin's job, and its copy is removed).
-    pub async fn commit(self, idempotency_key: Option<String>) -> Result<Job, Error> {
+    /// request that lost the race to a twin gets the twin's job, and its copy is removed) if
+    /// `decide` admits it on the user's usage, read with the user locked in the insert's own
+    /// transaction (which also deletes `own_slot`, the upload's slot if it held one; `since`
+    /// starts the window of recent uploads). Refused: the object is removed.
+    pub async fn commit<E>(
+        self,
+        idempotency_key: Option<String>,
+        own_slot: Option<&str>,
+        since: i64,
+        decide: impl FnOnce(&Usage) -> std::result::Result<(), E>,
+    ) -> Result<std::result::Result<Job, E>, Error> {
         let last = match self.sealer.finish() {
             Ok(last) => last,
             Err(e) => {
@@ -144,8 +153,16 @@ impl Incoming {
             created_at: started,
             expires_at: started + millis(lifecycle.rules().temp_ttl),
         };
-        let inserted = match lifecycle.db().insert_job(&new_job).await {
-            Ok(inserted) => inserted,
+        let inserted = match lifecycle
+            .db()
+            .insert_job_admitted(&new_job, own_slot, since, decide)
+            .await
+        {
+            Ok(Ok(inserted)) => inserted,
+            Ok(Err(refused)) => {
+                lifecycle.discard(&path).await;
+                return Ok(Err(refused));
+            }
             Err(e) => {
                 // No 202 without a committed row, and no object without a row.
                 lifecycle.discard(&path).await;
@@ -159,11 +176,11 @@ impl Incoming {
                     .increment(1);
                 tracing::info!(job_id = %row.id, size, media_type = media_type.as_str(), "document accepted");
                 lifecycle.wake_worker();
-                lifecycle.view(&row)
+                lifecycle.view(&row).map(Ok)
             }
             Inserted::Existing(row) => {
                 lifecycle.discard(&path).await;
-                lifecycle.view(&row)
+                lifecycle.view(&row).map(Ok)
             }
         }
     }

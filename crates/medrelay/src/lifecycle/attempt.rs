@@ -174,7 +174,7 @@ impl Lifecycle {
         tracing::info!(code = %error.code, "job failed");
         if unmanaged {
             // The trigger queued the purge; carry it out now rather than on the next poll.
-            self.wake_worker();
+            self.wake_maintenance();
         }
         Ok(Some(End::Failed(failure)))
     }
@@ -198,13 +198,24 @@ impl Lifecycle {
         }
         if !poisoned.is_empty() {
             // The trigger queued the purges: carry them out now.
-            self.wake_worker();
+            self.wake_maintenance();
         }
         let rows = self.db().fail_exhausted(&retries_exhausted()).await?;
         for row in rows {
             tracing::warn!(job_id = %row.id, "last attempt lost its lease: job failed");
             self.forget_job_quietly(&row.user_prefix, &row.id, End::Failed(Failure::LeaseLost))
                 .await;
+        }
+        Ok(())
+    }
+
+    /// Queues again the jobs whose lease ran out with attempts left (their worker died or
+    /// hung), and wakes the worker for them.
+    pub async fn rescue_lost_leases(&self) -> Result<(), Error> {
+        let rescued = self.db().rescue_lost_leases().await?;
+        if rescued > 0 {
+            tracing::warn!(jobs = rescued, "leases ran out: jobs queued again");
+            self.wake_worker();
         }
         Ok(())
     }

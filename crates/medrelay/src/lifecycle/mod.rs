@@ -115,8 +115,10 @@ struct Inner {
     rules: Rules,
     /// Ids of jobs that changed, for event streams.
     events: broadcast::Sender<JobId>,
-    /// Wakes the worker: a job was queued, or a purge is due.
+    /// Wakes the worker: a job was queued, or a worker slot came free.
     wake: Notify,
+    /// Wakes the worker's periodic work before its timer: a purge is due.
+    maintain: Notify,
     running: RunningJobs,
 }
 
@@ -133,6 +135,7 @@ impl Lifecycle {
                 rules,
                 events,
                 wake: Notify::new(),
+                maintain: Notify::new(),
                 running: RunningJobs::default(),
             }),
         })
@@ -181,6 +184,16 @@ impl Lifecycle {
     /// Resolves when [`Lifecycle::wake_worker`] is called.
     pub async fn worker_woken(&self) {
         self.inner.wake.notified().await
+    }
+
+    /// Asks for the worker's periodic work (purges, lease rescue) now: a purge is due.
+    pub fn wake_maintenance(&self) {
+        self.inner.maintain.notify_one();
+    }
+
+    /// Resolves when [`Lifecycle::wake_maintenance`] is called.
+    pub async fn maintenance_woken(&self) {
+        self.inner.maintain.notified().await
     }
 }
 

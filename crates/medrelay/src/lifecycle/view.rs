@@ -89,7 +89,7 @@ impl Lifecycle {
                         tokio::time::sleep(wait).await;
                         wait = (wait * 2).min(Duration::from_secs(30));
                     }
-                    lifecycle.wake_worker();
+                    lifecycle.wake_maintenance();
                 });
                 return Err(Error::Internal(integrity.into()));
             }

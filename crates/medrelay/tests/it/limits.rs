@@ -160,6 +160,14 @@ async fn one_user_has_at_most_its_cap_of_uploads_in_flight() {
     // Only the accepted uploads became jobs: 1 + 4 + 1 of alice's, 1 of bob's.
     assert_eq!(server.list_jobs(&alice).await.len(), 6);
     assert_eq!(server.list_jobs(&bob).await.len(), 1);
+    // The refused ones, which had begun to write when they were refused, left nothing; the
+    // jobs' documents went when they ended.
+    let objects = server.data().join("objects");
+    eventually(Duration::from_secs(10), "an empty store", || async {
+        let files: Vec<_> = walk(&objects).into_iter().filter(|p| p.is_file()).collect();
+        files.is_empty().then_some(()).ok_or(format!("{files:?}"))
+    })
+    .await;
 }
 
 /// A fresh master key line and token secret, shared by instances of one deployment.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use medrelay::clock::now_millis;
 use medrelay::crypto::WrappedKey;
-use medrelay::db::{Db, NewJob};
+use medrelay::db::{Db, DbError, JobRow, NewJob};
 use medrelay::ids::{JobId, LeaseToken, UserId, UserPrefix};
 use medrelay::model::{DeletionReason, JobError, JobStatus};
 
@@ -74,6 +74,12 @@ async fn set(db: &Db, id: &JobId, assignments: &str) {
             .map(|_| ()),
     }
     .unwrap();
+}
+
+/// The worker's periodic rescue of lapsed leases, then a claim.
+async fn rescue_and_claim(db: &Db, lease: &LeaseToken, limit: i64) -> Result<Vec<JobRow>, DbError> {
+    db.rescue_lost_leases().await?;
+    db.claim(lease, LEASE, limit).await
 }
 
 fn error() -> JobError {
@@ -190,7 +196,7 @@ async fn rescue_table(db: &Db) {
             "{}: exhausted",
             case.name
         );
-        let again = db.claim(&lease("rescuer"), LEASE, 100).await.unwrap();
+        let again = rescue_and_claim(db, &lease("rescuer"), 100).await.unwrap();
         let rescued = again.iter().find(|r| r.id == id);
         assert_eq!(
             rescued.is_some(),
@@ -293,7 +299,7 @@ async fn completion_racing_a_rescue(db: &Db) {
             .unwrap(),
         "the lease holder may still finish"
     );
-    let rescued = db.claim(&lease("rescuer"), LEASE, 10).await.unwrap();
+    let rescued = rescue_and_claim(db, &lease("rescuer"), 10).await.unwrap();
     assert!(
         rescued.iter().all(|r| r.id != id),
         "a completed job is never rescued"
@@ -315,7 +321,10 @@ async fn completion_racing_a_rescue(db: &Db) {
     db.claim(&lease("worker"), LEASE, 10).await.unwrap();
     set(db, &id, &format!("lease_until = {}", now_millis() - 1)).await;
     assert_eq!(
-        db.claim(&lease("rescuer"), LEASE, 10).await.unwrap().len(),
+        rescue_and_claim(db, &lease("rescuer"), 10)
+            .await
+            .unwrap()
+            .len(),
         1
     );
     assert!(
@@ -337,7 +346,7 @@ async fn a_job_that_lost_its_lease_twice_is_not_claimed_a_third_time(db: &Db) {
     assert_eq!(db.claim(&lease("first"), LEASE, 10).await.unwrap().len(), 1);
     // The first worker dies: its lease runs out, a second worker rescues the job.
     set(db, &id, &format!("lease_until = {}", now_millis() - 1)).await;
-    let rescued = db.claim(&lease("second"), LEASE, 10).await.unwrap();
+    let rescued = rescue_and_claim(db, &lease("second"), 10).await.unwrap();
     assert_eq!(rescued.len(), 1);
     assert_eq!(rescued[0].lost_leases, 1);
     assert_eq!(rescued[0].attempts, 2);
@@ -346,7 +355,7 @@ async fn a_job_that_lost_its_lease_twice_is_not_claimed_a_third_time(db: &Db) {
     // The second worker dies too: no third worker gets it.
     set(db, &id, &format!("lease_until = {}", now_millis() - 1)).await;
     assert!(
-        db.claim(&lease("third"), LEASE, 10)
+        rescue_and_claim(db, &lease("third"), 10)
             .await
             .unwrap()
             .iter()
@@ -483,6 +492,92 @@ async fn tombstones_last_a_day(db: &Db) {
         .unwrap()
         .is_none()
     );
+}
+
+/// Runs a statement as it is (bulk rows for a plan test).
+async fn raw(db: &Db, sql: &str) {
+    let sql = sql.to_owned();
+    match db {
+        Db::Sqlite(p) => sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(p)
+            .await
+            .map(|_| ()),
+        Db::Postgres(p) => sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(p)
+            .await
+            .map(|_| ()),
+    }
+    .unwrap();
+}
+
+/// The claim costs the same at any backlog: with 10,000 finished jobs inside the TTL, 10,000
+/// jobs queued for later and 10,000 under a live lease, both databases read the claim from
+/// the `jobs_waiting` index in order, stop at the LIMIT, and sort nothing.
+async fn the_claim_reads_only_waiting_jobs_in_index_order(db: &Db) {
+    let now = now_millis();
+    for (status, run_at, lease_until) in [
+        ("succeeded", now - 1_000, "NULL".to_owned()),
+        ("queued", now + 600_000, "NULL".to_owned()),
+        ("processing", now - 1_000, (now + 600_000).to_string()),
+    ] {
+        let columns = "id, user_id, user_prefix, status, media_type, size_bytes, attempts, \
+                       max_attempts, run_at, lease_until, created_at, updated_at, expires_at";
+        let values = format!(
+            "'bulk-{status}-' || n, 'u', 'p', '{status}', 'application/pdf', 1, 1, 4, {run_at}, \
+             {lease_until}, {now}, {now}, {}",
+            now + 3_600_000
+        );
+        raw(
+            db,
+            &match db {
+                Db::Sqlite(_) => format!(
+                    "WITH RECURSIVE series(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM series \
+                     WHERE n < 10000) INSERT INTO jobs ({columns}) SELECT {values} FROM series"
+                ),
+                Db::Postgres(_) => format!(
+                    "INSERT INTO jobs ({columns}) SELECT {values} \
+                     FROM generate_series(1, 10000) AS series(n)"
+                ),
+            },
+        )
+        .await;
+    }
+    raw(db, "ANALYZE").await;
+    let plan = db.explain_claim().await.unwrap().join("\n");
+    assert!(plan.contains("jobs_waiting"), "the claim's plan:\n{plan}");
+    match db {
+        Db::Sqlite(_) => assert!(
+            !plan.contains("TEMP B-TREE") && !plan.contains("SCAN jobs"),
+            "the claim's plan:\n{plan}"
+        ),
+        Db::Postgres(_) => assert!(
+            !plan.contains("Sort") && !plan.contains("Seq Scan") && plan.contains("Limit"),
+            "the claim's plan:\n{plan}"
+        ),
+    }
+    // And it claims the one due job among them.
+    let due = new_id("due");
+    insert(db, &due).await;
+    let claimed = db.claim(&lease("backlog"), LEASE, 10).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|r| &r.id).collect::<Vec<_>>(),
+        vec![&due]
+    );
+    raw(db, "DELETE FROM jobs WHERE id LIKE 'bulk-%'").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_plan_holds_on_sqlite() {
+    let (db, _dir) = sqlite().await;
+    the_claim_reads_only_waiting_jobs_in_index_order(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_plan_holds_on_postgres() {
+    let (db, name) = postgres().await;
+    the_claim_reads_only_waiting_jobs_in_index_order(&db).await;
+    db.close().await;
+    harness::drop_postgres(&name).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
