@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::claude_mock::{Mock, Reply, extraction};
-use crate::fixtures::{corpus_dir, corpus_file, png, text_pdf};
+use crate::fixtures::{ContentFilter, corpus_dir, corpus_file, png, text_pdf, text_pdf_encoded};
 use crate::harness::{eventually, walk};
 use crate::server::{BIN, Server, wait_terminal};
 
@@ -401,6 +401,21 @@ async fn debug_logs_carry_no_patient_content() {
         .unwrap();
     let id = job["id"].as_str().unwrap();
     let done = wait_terminal(&http, &server.addr, &token, id).await;
+    // A PDF that the PDF library warns about (its trailer's /Size is wrong, its ASCII85 stream
+    // lacks its end marker): its warnings, which can quote the document, stay out of the log.
+    let mut warned = text_pdf_encoded(
+        &["Warned about", text_marker],
+        ContentFilter::Ascii85WithoutEnd,
+    );
+    let size = warned
+        .windows(6)
+        .rposition(|w| w == b"/Size ")
+        .expect("a trailer");
+    warned.insert(size + 6, b'9');
+    let warned = server.upload(&token, warned).await;
+    let warned_done =
+        wait_terminal(&http, &server.addr, &token, warned["id"].as_str().unwrap()).await;
+    assert_eq!(warned_done["status"], "succeeded", "{warned_done}");
     assert!(
         done["result"]["text"]
             .as_str()
@@ -451,6 +466,10 @@ async fn debug_logs_carry_no_patient_content() {
     for canary in [
         text_marker,
         file_marker,
+        "lopdf",
+        "pdf_extract",
+        "Size entry",
+        "ASCII85",
         "canary-user-4471",
         "Discharge summary",
         "%PDF-",

@@ -80,6 +80,8 @@ pub enum ContentFilter {
     AsciiHex,
     /// `/RunLengthDecode` (literal runs only): legal, rare, and not decoded by lopdf.
     RunLength,
+    /// `/ASCII85Decode` without its `~>` end marker: read, with a warning from the library.
+    Ascii85WithoutEnd,
 }
 
 /// [`text_pdf`] with its content stream encoded by `filter`.
@@ -119,6 +121,21 @@ pub fn text_pdf_encoded(lines: &[&str], filter: ContentFilter) -> Vec<u8> {
                 .collect();
             hex.push(b'>');
             Stream::new(dictionary! {"Filter" => "ASCIIHexDecode"}, hex)
+        }
+        ContentFilter::Ascii85WithoutEnd => {
+            let mut encoded = Vec::new();
+            for group in content.chunks(4) {
+                let mut word = [0u8; 4];
+                word[..group.len()].copy_from_slice(group);
+                let mut value = u32::from_be_bytes(word);
+                let mut digits = [0u8; 5];
+                for digit in digits.iter_mut().rev() {
+                    *digit = (value % 85) as u8 + b'!';
+                    value /= 85;
+                }
+                encoded.extend_from_slice(&digits[..group.len() + 1]);
+            }
+            Stream::new(dictionary! {"Filter" => "ASCII85Decode"}, encoded)
         }
         ContentFilter::RunLength => {
             // Literal runs of 5 bytes, each after its length byte (n - 1), then EOD: read
