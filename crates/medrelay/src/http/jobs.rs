@@ -168,6 +168,12 @@ pub async fn job_events(
     Path(id): Path<JobId>,
 ) -> Result<Response, ApiError> {
     let first = live_job(&state, &user, &id).await?;
+    if first.status.is_terminal() {
+        // One event and the end: nothing stays open, so no stream slot is taken (and the
+        // answer costs no write).
+        let once = futures::stream::once(std::future::ready(event(&first)));
+        return Ok(Sse::new(once).into_response());
+    }
     let prefix = state.lifecycle.user_prefix(&user.id);
     // Held (and renewed) while the stream is open; released when it ends.
     let permit = state.limits.admit_stream(&prefix).await?;
