@@ -19,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::clock::{millis, now_millis};
 use crate::config::Settings;
-use crate::db::{Db, SlotKind, Usage};
+use crate::db::{Db, InsertCaps, SlotKind, Usage};
 use crate::ids::UserPrefix;
 use crate::processor::{CallBudget, ProcessError, Refusal};
 
@@ -340,28 +340,32 @@ impl Admission {
         Ok(())
     }
 
-    /// What the job's insert needs to check this upload again, in its own transaction with
-    /// the user locked: the slot it holds (deleted in the same commit, so that the user never
-    /// counts both), where the hour's window starts, and the decision.
+    /// What the job's insert needs to check this upload again, with the user locked: the
+    /// slot it holds (deleted in the same commit, so that the user never counts both), the
+    /// caps, and what a refusal says, from the usage the insert saw.
     pub fn at_insert(
         &self,
     ) -> (
         Option<String>,
-        i64,
-        impl FnOnce(&Usage) -> Result<(), Refused> + use<>,
+        InsertCaps,
+        impl FnOnce(&Usage) -> Refused + use<>,
     ) {
         let rules = self.limits.rules;
         let own = self.slot.lock().as_ref().map(|slot| slot.id.clone());
-        let held = i64::from(own.is_some());
         let now = now_millis();
-        let decide = move |usage: &Usage| {
-            let others = Usage {
-                slots: usage.slots - held,
-                ..*usage
-            };
-            upload_decision(&rules, &others, now, Uploading::Ends)
+        let caps = InsertCaps {
+            since: now - HOUR_MS,
+            active_jobs: rules.user_active_jobs,
+            uploads_per_window: rules.user_uploads_per_hour,
         };
-        (own, now - HOUR_MS, decide)
+        // The usage of a refused insert says which cap; should it show room again (a job
+        // ended meanwhile), the active jobs were the reason.
+        let refused = move |usage: &Usage| {
+            upload_decision(&rules, usage, now, Uploading::Ends)
+                .err()
+                .unwrap_or_else(|| Refused::new(Limit::UserActiveJobs, ACTIVE_JOB_RETRY))
+        };
+        (own, caps, refused)
     }
 
     /// Releases the user's slot now, if one was taken and is still there (dropping the

@@ -54,11 +54,91 @@ const TAKE_SLOT: &str =
 
 const RELEASE_SLOT: &str = "DELETE FROM user_slots WHERE id = $1";
 
-const INSERT_JOB: &str = "INSERT INTO jobs (id, user_id, user_prefix, status, media_type, \
-     size_bytes, attempts, max_attempts, run_at, idempotency_key, created_at, updated_at, \
-     expires_at, document_kek, document_dek) \
-     VALUES ($1, $2, $3, 'queued', $4, $5, 0, $6, $7, $8, $12, $7, $9, $10, $11) \
-     RETURNING *";
+// The user's uploads in flight (the upload's own slot is deleted before this runs).
+macro_rules! other_upload_slots {
+    () => {
+        "(SELECT count(*) FROM user_slots WHERE user_prefix = $3 AND kind = 'upload' \
+         AND expires_at > $7)"
+    };
+}
+
+/// The job's insert, if its user's active jobs (cap $13) and uploads since $14 (cap $15),
+/// each plus the user's other uploads in flight, stay below their caps.
+const INSERT_JOB_ADMITTED: &str = concat!(
+    "INSERT INTO jobs (id, user_id, user_prefix, status, media_type, size_bytes, attempts, \
+     max_attempts, run_at, idempotency_key, created_at, updated_at, expires_at, document_kek, \
+     document_dek) \
+     SELECT $1, $2, $3, 'queued', $4, $5, 0, $6, $7, $8, $12, $7, $9, $10, $11 \
+     WHERE (SELECT count(*) FROM jobs WHERE user_prefix = $3 AND deleted_at IS NULL \
+        AND status IN ('queued', 'processing', 'retry_scheduled')) + ",
+    other_upload_slots!(),
+    " < $13 AND (SELECT count(*) FROM jobs WHERE user_prefix = $3 AND created_at > $14) + ",
+    other_upload_slots!(),
+    " < $15 RETURNING *"
+);
+
+/// Caps a job's insert checks (see [`Db::insert_job_admitted`]).
+#[derive(Clone, Copy, Debug)]
+pub struct InsertCaps {
+    /// Where the window of recent uploads starts (unix ms).
+    pub since: i64,
+    pub active_jobs: i64,
+    pub uploads_per_window: i64,
+}
+
+impl InsertCaps {
+    /// No limit.
+    pub const NONE: InsertCaps = InsertCaps {
+        since: 0,
+        active_jobs: i64::MAX,
+        uploads_per_window: i64::MAX,
+    };
+}
+
+/// Binds a job and its caps to [`INSERT_JOB_ADMITTED`] (a macro: the same binds for both
+/// engines' query types).
+macro_rules! bind_insert {
+    ($job:expr, $caps:expr) => {
+        sqlx::query_as::<_, JobRow>(INSERT_JOB_ADMITTED)
+            .bind(&$job.id)
+            .bind(&$job.user_id)
+            .bind(&$job.user_prefix)
+            .bind($job.media_type)
+            .bind($job.size_bytes)
+            .bind($job.max_attempts)
+            .bind($job.now)
+            .bind(&$job.idempotency_key)
+            .bind($job.expires_at)
+            .bind(&$job.document_key.kid)
+            .bind(&$job.document_key.bytes)
+            .bind($job.created_at)
+            .bind($caps.active_jobs)
+            .bind($caps.since)
+            .bind($caps.uploads_per_window)
+    };
+}
+
+/// The user's usage of upload slots, jobs and recent uploads, on `executor` (a macro: a pool
+/// or a transaction of either engine).
+macro_rules! usage_in {
+    ($executor:expr, $prefix:expr, $now:expr, $since:expr) => {
+        sqlx::query_as::<_, (i64, i64, i64, Option<i64>)>(USAGE)
+            .bind($prefix)
+            .bind(SlotKind::Upload.as_str())
+            .bind($now)
+            .bind($since)
+            .fetch_one($executor)
+            .await
+            .map(
+                |(slots, active_jobs, recent_uploads, oldest_recent_upload)| Usage {
+                    slots,
+                    active_jobs,
+                    recent_uploads,
+                    oldest_recent_upload,
+                },
+            )
+    };
+}
 
 const CALLS: &str = "SELECT count(*) FROM provider_calls WHERE user_prefix = $1 AND called_at > $2";
 
@@ -142,71 +222,80 @@ impl Db {
         })
     }
 
-    /// Commits a new queued job if the user's usage, read with the user locked in the same
-    /// transaction, lets `decide` admit it; the upload's own slot (if it held one) goes in the
-    /// same commit. `since` starts the window of recent uploads. A concurrent twin with the
-    /// same idempotency key yields `Existing` instead of a second job (and is not refused: it
-    /// creates nothing).
+    /// Commits a new queued job if the user's limits leave room: its active jobs and its
+    /// uploads since `caps.since`, each plus the user's *other* uploads in flight (their
+    /// slots, which are about to become jobs), below their caps. The check is part of the
+    /// insert statement; on PostgreSQL the user's row in `user_limits` is locked first, in the
+    /// same transaction, so instances decide one at a time per user; SQLite runs the statement
+    /// under its single write lock. The upload's own slot (if it held one) is deleted in the
+    /// same commit. Refused: `refused` is handed the user's usage as the insert saw it (read
+    /// in its transaction, the upload's own slot no longer counted), and nothing is written. A concurrent
+    /// twin with the same idempotency key yields `Existing` (and is not refused: it creates
+    /// nothing).
     pub async fn insert_job_admitted<E>(
         &self,
         job: &NewJob,
         own_slot: Option<&str>,
-        since: i64,
-        decide: impl FnOnce(&Usage) -> std::result::Result<(), E>,
+        caps: InsertCaps,
+        refused: impl FnOnce(&Usage) -> E,
     ) -> Result<std::result::Result<Inserted, E>> {
-        let inserted = on_pool!(self, |p| {
-            async {
-                let mut tx = p.begin().await?;
-                sqlx::query(LOCK_USER)
-                    .bind(&job.user_prefix)
-                    .execute(&mut *tx)
-                    .await?;
-                let (slots, active_jobs, recent_uploads, oldest_recent_upload) =
-                    sqlx::query_as::<_, (i64, i64, i64, Option<i64>)>(USAGE)
+        let inserted = match self {
+            Db::Postgres(p) => {
+                async {
+                    let mut tx = p.begin().await?;
+                    sqlx::query(LOCK_USER)
                         .bind(&job.user_prefix)
-                        .bind(SlotKind::Upload.as_str())
-                        .bind(job.now)
-                        .bind(since)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                let usage = Usage {
-                    slots,
-                    active_jobs,
-                    recent_uploads,
-                    oldest_recent_upload,
-                };
-                if let Err(refused) = decide(&usage) {
-                    return Ok(Err(refused));
-                }
-                if let Some(slot) = own_slot {
-                    sqlx::query(RELEASE_SLOT)
-                        .bind(slot)
                         .execute(&mut *tx)
                         .await?;
+                    if let Some(slot) = own_slot {
+                        sqlx::query(RELEASE_SLOT)
+                            .bind(slot)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    let row = bind_insert!(job, caps).fetch_optional(&mut *tx).await?;
+                    let Some(row) = row else {
+                        let usage = usage_in!(&mut *tx, &job.user_prefix, job.now, caps.since)?;
+                        return Ok(Err(usage));
+                    };
+                    tx.commit().await?;
+                    Ok::<_, sqlx::Error>(Ok(row))
                 }
-                let row = sqlx::query_as::<_, JobRow>(INSERT_JOB)
-                    .bind(&job.id)
-                    .bind(&job.user_id)
-                    .bind(&job.user_prefix)
-                    .bind(job.media_type)
-                    .bind(job.size_bytes)
-                    .bind(job.max_attempts)
-                    .bind(job.now)
-                    .bind(&job.idempotency_key)
-                    .bind(job.expires_at)
-                    .bind(&job.document_key.kid)
-                    .bind(&job.document_key.bytes)
-                    .bind(job.created_at)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok::<_, sqlx::Error>(Ok(row))
+                .await
             }
-            .await
-        });
+            Db::Sqlite(p) => {
+                async {
+                    let row = match own_slot {
+                        // The common case: one statement, the write lock held for it alone.
+                        None => bind_insert!(job, caps).fetch_optional(p).await?,
+                        Some(slot) => {
+                            let mut tx = p.begin().await?;
+                            sqlx::query(RELEASE_SLOT)
+                                .bind(slot)
+                                .execute(&mut *tx)
+                                .await?;
+                            let row = bind_insert!(job, caps).fetch_optional(&mut *tx).await?;
+                            let Some(row) = row else {
+                                let usage =
+                                    usage_in!(&mut *tx, &job.user_prefix, job.now, caps.since)?;
+                                return Ok(Err(usage));
+                            };
+                            tx.commit().await?;
+                            Some(row)
+                        }
+                    };
+                    let Some(row) = row else {
+                        let usage = usage_in!(p, &job.user_prefix, job.now, caps.since)?;
+                        return Ok(Err(usage));
+                    };
+                    Ok::<_, sqlx::Error>(Ok(row))
+                }
+                .await
+            }
+        };
         match inserted {
             Ok(Ok(row)) => Ok(Ok(Inserted::Created(Box::new(row)))),
-            Ok(Err(refused)) => Ok(Err(refused)),
+            Ok(Err(usage)) => Ok(Err(refused(&usage))),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 let Some(key) = job.idempotency_key.as_deref() else {
                     return Err(sqlx::Error::Database(e).into());

@@ -37,7 +37,7 @@ mod queue;
 mod reads;
 mod rows;
 
-pub use limits::{SlotKind, Usage};
+pub use limits::{InsertCaps, SlotKind, Usage};
 pub use notify::JobNotifications;
 pub use purges::PURGE_LEASE_MS;
 pub use rows::{Inserted, JobRow, NewJob, PurgeRow};

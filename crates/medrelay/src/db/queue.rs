@@ -47,9 +47,9 @@ impl Db {
     /// same idempotency key yields `Existing` instead of a second job.
     pub async fn insert_job(&self, job: &NewJob) -> Result<Inserted> {
         let admitted = self
-            .insert_job_admitted(job, None, 0, |_| Ok::<(), std::convert::Infallible>(()))
+            .insert_job_admitted(job, None, super::InsertCaps::NONE, |_| ())
             .await?;
-        Ok(admitted.unwrap_or_else(|never| match never {}))
+        admitted.map_err(|()| super::DbError::NotFound)
     }
 
     /// Claims up to `limit` due jobs (queued, due for retry, or with an expired lease) under a

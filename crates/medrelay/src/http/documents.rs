@@ -174,9 +174,9 @@ async fn upload(
             return Err(e);
         }
     };
-    let (own_slot, since, decide) = admission.at_insert();
+    let (own_slot, caps, refused) = admission.at_insert();
     match incoming
-        .commit(idempotency_key, own_slot.as_deref(), since, decide)
+        .commit(idempotency_key, own_slot.as_deref(), caps, refused)
         .await?
     {
         Ok(job) => Ok(accepted(job)),

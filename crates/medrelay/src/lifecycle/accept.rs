@@ -8,7 +8,7 @@ use object_store::path::Path;
 use super::{Error, Lifecycle};
 use crate::clock::{millis, now_millis};
 use crate::crypto::{SealingStream, WrappedKey};
-use crate::db::{Inserted, NewJob, Usage};
+use crate::db::{InsertCaps, Inserted, NewJob, Usage};
 use crate::ids::{JobId, UserId, UserPrefix};
 use crate::model::Job;
 use crate::processor::MediaType;
@@ -94,15 +94,15 @@ impl Incoming {
 
     /// Finishes the object, then commits its job (idempotently, with `idempotency_key`: a
     /// request that lost the race to a twin gets the twin's job, and its copy is removed) if
-    /// `decide` admits it on the user's usage, read with the user locked in the insert's own
-    /// transaction (which also deletes `own_slot`, the upload's slot if it held one; `since`
-    /// starts the window of recent uploads). Refused: the object is removed.
+    /// the user's limits leave room under `caps`, checked by the insert itself with the user
+    /// locked (which also deletes `own_slot`, the upload's slot if it held one). Refused: the
+    /// object is removed, and `refused` says why from the usage the insert saw.
     pub async fn commit<E>(
         self,
         idempotency_key: Option<String>,
         own_slot: Option<&str>,
-        since: i64,
-        decide: impl FnOnce(&Usage) -> std::result::Result<(), E>,
+        caps: InsertCaps,
+        refused: impl FnOnce(&Usage) -> E,
     ) -> Result<std::result::Result<Job, E>, Error> {
         let last = match self.sealer.finish() {
             Ok(last) => last,
@@ -155,7 +155,7 @@ impl Incoming {
         };
         let inserted = match lifecycle
             .db()
-            .insert_job_admitted(&new_job, own_slot, since, decide)
+            .insert_job_admitted(&new_job, own_slot, caps, refused)
             .await
         {
             Ok(Ok(inserted)) => inserted,

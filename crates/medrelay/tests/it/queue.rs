@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use medrelay::clock::now_millis;
 use medrelay::crypto::WrappedKey;
-use medrelay::db::{Db, DbError, JobRow, NewJob};
+use medrelay::db::{Db, DbError, InsertCaps, JobRow, NewJob, SlotKind};
 use medrelay::ids::{JobId, LeaseToken, UserId, UserPrefix};
 use medrelay::model::{DeletionReason, JobError, JobStatus};
 
@@ -564,6 +564,113 @@ async fn the_claim_reads_only_waiting_jobs_in_index_order(db: &Db) {
         vec![&due]
     );
     raw(db, "DELETE FROM jobs WHERE id LIKE 'bulk-%'").await;
+}
+
+/// A job of `user` (its prefix is the user's name).
+fn job_of(user: &str) -> NewJob {
+    let now = now_millis();
+    NewJob {
+        id: new_id(user),
+        user_id: UserId::from_raw(user),
+        user_prefix: UserPrefix::from_raw(user),
+        media_type: "application/pdf",
+        size_bytes: 1,
+        max_attempts: 4,
+        idempotency_key: None,
+        document_key: WrappedKey {
+            kid: "k".into(),
+            bytes: vec![0; 60],
+        },
+        now,
+        created_at: now,
+        expires_at: now + 3_600_000,
+    }
+}
+
+/// The insert checks the user's caps itself: active jobs and recent uploads, each plus the
+/// user's other uploads in flight; the upload's own slot is not counted and goes with the
+/// insert; a refusal writes nothing and reports the usage the insert saw.
+async fn the_insert_checks_the_caps(db: &Db) {
+    let now = now_millis();
+    let caps = InsertCaps {
+        since: now - 3_600_000,
+        active_jobs: 2,
+        uploads_per_window: 3,
+    };
+    let user = format!("caps-{}", uuid::Uuid::new_v4().simple());
+    let prefix = UserPrefix::from_raw(user.as_str());
+    let insert = |own: Option<&'static str>| {
+        let job = job_of(&user);
+        async move {
+            db.insert_job_admitted(&job, own, caps, |usage| *usage)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(insert(None).await.is_ok());
+    assert!(insert(None).await.is_ok());
+    // Two active jobs: the third is refused, and the refusal says so.
+    let refused = insert(None).await.unwrap_err();
+    assert_eq!((refused.active_jobs, refused.recent_uploads), (2, 2));
+    assert_eq!(
+        db.list_jobs(&UserId::from_raw(user.as_str()), 100)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    // One ends: room for one more active job, and its upload is the window's third.
+    let claimed = db.claim(&lease("caps"), LEASE, 100).await.unwrap();
+    let mine = claimed.iter().find(|r| r.user_prefix == prefix).unwrap();
+    db.fail(&mine.id, &lease("caps"), &error(), false)
+        .await
+        .unwrap();
+    // Another upload of the user's is in flight: it counts as the job it is about to become.
+    let take = |id: &'static str| {
+        let prefix = prefix.clone();
+        async move {
+            db.take_slot(
+                &prefix,
+                id,
+                SlotKind::Upload,
+                now,
+                now + 60_000,
+                now - 3_600_000,
+                |_| Ok::<(), ()>(()),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        }
+    };
+    take("other-upload").await;
+    assert!(insert(None).await.is_err(), "1 active + 1 in flight");
+    // The upload's own slot does not count against it, and goes with its insert.
+    take("own-upload").await;
+    db.release_slot("other-upload").await.unwrap();
+    assert!(insert(Some("own-upload")).await.is_ok());
+    let usage = db
+        .usage(&prefix, SlotKind::Upload, now_millis(), now - 3_600_000)
+        .await
+        .unwrap();
+    assert_eq!((usage.slots, usage.recent_uploads), (0, 3));
+    // The window is full (3 uploads, one of them failed): refused, even with no job active.
+    let refused = insert(None).await.unwrap_err();
+    assert_eq!(refused.recent_uploads, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_insert_checks_the_caps_on_sqlite() {
+    let (db, _dir) = sqlite().await;
+    the_insert_checks_the_caps(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_insert_checks_the_caps_on_postgres() {
+    let (db, name) = postgres().await;
+    the_insert_checks_the_caps(&db).await;
+    db.close().await;
+    harness::drop_postgres(&name).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
