@@ -113,7 +113,7 @@ impl AnthropicProcessor {
         })
     }
 
-    async fn call(&self, body: &Value) -> Result<DocumentResult, ProcessError> {
+    async fn call(&self, body: Vec<u8>) -> Result<DocumentResult, ProcessError> {
         // At most MEDRELAY_ANTHROPIC_CONCURRENCY calls in flight: the others wait here.
         let _slot = match self.slots.try_acquire() {
             Ok(slot) => slot,
@@ -130,7 +130,8 @@ impl AnthropicProcessor {
             .post(&self.endpoint)
             .header("x-api-key", &self.api_key)
             .header("anthropic-version", API_VERSION)
-            .json(body)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
             .send()
             .await
             .map_err(|e| ProcessError::Retry {
@@ -179,8 +180,11 @@ impl Processor for AnthropicProcessor {
             let mut merged: Option<DocumentResult> = None;
             let mut total_pages = 0u32;
             for (block, pages) in parts {
-                let body = self.request_body(block);
-                let part = self.call(&body).await?;
+                // Serialised at once, and the tree dropped: a call in flight holds its bytes only
+                // (thousands may wait on the provider at once).
+                let body = serde_json::to_vec(&self.request_body(block))
+                    .map_err(|e| ProcessError::Unmanaged(e.into()))?;
+                let part = self.call(body).await?;
                 total_pages += pages;
                 merged = Some(match merged {
                     None => part,
