@@ -135,7 +135,11 @@ impl Db {
                 .foreign_keys(true)
                 // Deleted and overwritten content (cleared keys, results) is zeroed in the
                 // page, not left in free space.
-                .pragma("secure_delete", "ON");
+                .pragma("secure_delete", "ON")
+                // 16 MiB of page cache per connection (SQLite's default is 2 MiB): an hour of
+                // jobs at full load outgrows 2 MiB, and throughput then falls as they pile up
+                // (issue #14; docs/benchmarks.md). The pages hold ciphertext and ids only.
+                .pragma("cache_size", "-16384");
             if let Some(parent) = options.get_filename().parent()
                 && !parent.as_os_str().is_empty()
             {
