@@ -1132,6 +1132,9 @@ async fn in_flight(bin: &Path, s: &Settings) -> Vec<Figure> {
                 ("MEDRELAY_WORKERS", &workers),
                 ("MEDRELAY_ANTHROPIC_CONCURRENCY", &workers),
                 ("MEDRELAY_USER_PROVIDER_CALLS_PER_DAY", "1000000"),
+                // One user sends them all, 32 at a time; an upload slowed past a second by
+                // the load takes a slot of its user's.
+                ("MEDRELAY_USER_CONCURRENT_UPLOADS", "64"),
                 ("MEDRELAY_LEASE", "5m"),
             ],
             &s.dir,
