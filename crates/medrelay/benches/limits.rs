@@ -280,18 +280,22 @@ async fn database(s: &Settings, postgres: bool) -> (Db, String, Box<dyn FnOnce()
     }
 }
 
-async fn raw(db: &Db, sql: String) {
-    let done = match db {
-        Db::Sqlite(p) => sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-            .execute(p)
-            .await
-            .map(|_| ()),
-        Db::Postgres(p) => sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-            .execute(p)
-            .await
-            .map(|_| ()),
+/// `body` on the database's pool, whichever engine it is (`p` is the pool).
+macro_rules! either {
+    ($db:expr, |$p:ident| $body:expr) => {
+        match $db {
+            Db::Sqlite($p) => $body,
+            Db::Postgres($p) => $body,
+        }
     };
-    done.unwrap_or_else(|e| fail(format!("{sql}: {e}")));
+}
+
+async fn raw(db: &Db, sql: String) {
+    either!(db, |p| sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+        .execute(p)
+        .await
+        .map(|_| ()))
+    .unwrap_or_else(|e| fail(format!("{sql}: {e}")));
 }
 
 /// Adds `n` finished jobs and `n` jobs queued for later.
@@ -556,55 +560,27 @@ async fn raw_loop(db: &Db, secs: u64, table: Table) -> f64 {
                 while Instant::now() < until {
                     let id = uuid::Uuid::new_v4().to_string();
                     let now = medrelay::clock::now_millis();
-                    let claimed: Option<String> = match &db {
-                        Db::Sqlite(p) => {
-                            let t = Instant::now();
-                            sqlx::query(insert)
-                                .bind(&id)
-                                .bind(now)
-                                .execute(p)
-                                .await
-                                .map(|_| ())
-                                .unwrap_or_else(|e| fail(format!("raw insert: {e}")));
-                            Steps::add(&steps.insert, t);
-                            sqlx::query_scalar(claim)
-                                .bind(&lease)
-                                .fetch_optional(p)
-                                .await
-                                .unwrap_or_else(|e| fail(format!("raw claim: {e}")))
-                        }
-                        Db::Postgres(p) => {
-                            let t = Instant::now();
-                            sqlx::query(insert)
-                                .bind(&id)
-                                .bind(now)
-                                .execute(p)
-                                .await
-                                .map(|_| ())
-                                .unwrap_or_else(|e| fail(format!("raw insert: {e}")));
-                            Steps::add(&steps.insert, t);
-                            sqlx::query_scalar(claim)
-                                .bind(&lease)
-                                .fetch_optional(p)
-                                .await
-                                .unwrap_or_else(|e| fail(format!("raw claim: {e}")))
-                        }
-                    };
+                    let t = Instant::now();
+                    either!(&db, |p| sqlx::query(insert)
+                        .bind(&id)
+                        .bind(now)
+                        .execute(p)
+                        .await
+                        .map(|_| ()))
+                    .unwrap_or_else(|e| fail(format!("raw insert: {e}")));
+                    Steps::add(&steps.insert, t);
+                    let claimed: Option<String> = either!(&db, |p| sqlx::query_scalar(claim)
+                        .bind(&lease)
+                        .fetch_optional(p)
+                        .await)
+                    .unwrap_or_else(|e| fail(format!("raw claim: {e}")));
                     if let Some(claimed) = claimed {
-                        match &db {
-                            Db::Sqlite(p) => sqlx::query(complete)
-                                .bind(&claimed)
-                                .bind(&lease)
-                                .execute(p)
-                                .await
-                                .map(|_| ()),
-                            Db::Postgres(p) => sqlx::query(complete)
-                                .bind(&claimed)
-                                .bind(&lease)
-                                .execute(p)
-                                .await
-                                .map(|_| ()),
-                        }
+                        either!(&db, |p| sqlx::query(complete)
+                            .bind(&claimed)
+                            .bind(&lease)
+                            .execute(p)
+                            .await
+                            .map(|_| ()))
                         .unwrap_or_else(|e| fail(format!("raw complete: {e}")));
                         done.fetch_add(1, Ordering::Relaxed);
                     }

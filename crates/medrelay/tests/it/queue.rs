@@ -37,11 +37,16 @@ fn new_id(label: &str) -> JobId {
 }
 
 async fn insert(db: &Db, id: &JobId) {
+    db.insert_job(&job(id.clone(), "u", "p")).await.unwrap();
+}
+
+/// A queued PDF job of `user` (with `prefix`), due now.
+fn job(id: JobId, user: &str, prefix: &str) -> NewJob {
     let now = now_millis();
-    db.insert_job(&NewJob {
-        id: id.clone(),
-        user_id: UserId::from_raw("u"),
-        user_prefix: UserPrefix::from_raw("p"),
+    NewJob {
+        id,
+        user_id: UserId::from_raw(user),
+        user_prefix: UserPrefix::from_raw(prefix),
         media_type: "application/pdf",
         size_bytes: 1,
         max_attempts: 4,
@@ -53,9 +58,7 @@ async fn insert(db: &Db, id: &JobId) {
         now,
         created_at: now,
         expires_at: now + 3_600_000,
-    })
-    .await
-    .unwrap();
+    }
 }
 
 /// Puts a job into a given state directly (what a crashed or concurrent worker left).
@@ -566,27 +569,6 @@ async fn the_claim_reads_only_waiting_jobs_in_index_order(db: &Db) {
     raw(db, "DELETE FROM jobs WHERE id LIKE 'bulk-%'").await;
 }
 
-/// A job of `user` (its prefix is the user's name).
-fn job_of(user: &str) -> NewJob {
-    let now = now_millis();
-    NewJob {
-        id: new_id(user),
-        user_id: UserId::from_raw(user),
-        user_prefix: UserPrefix::from_raw(user),
-        media_type: "application/pdf",
-        size_bytes: 1,
-        max_attempts: 4,
-        idempotency_key: None,
-        document_key: WrappedKey {
-            kid: "k".into(),
-            bytes: vec![0; 60],
-        },
-        now,
-        created_at: now,
-        expires_at: now + 3_600_000,
-    }
-}
-
 /// The insert checks the user's caps itself: active jobs and recent uploads, each plus the
 /// user's other uploads in flight; the upload's own slot is not counted and goes with the
 /// insert; a refusal writes nothing and reports the usage the insert saw.
@@ -600,7 +582,7 @@ async fn the_insert_checks_the_caps(db: &Db) {
     let user = format!("caps-{}", uuid::Uuid::new_v4().simple());
     let prefix = UserPrefix::from_raw(user.as_str());
     let insert = |own: Option<&'static str>| {
-        let job = job_of(&user);
+        let job = job(new_id(&user), &user, &user);
         async move {
             db.insert_job_admitted(&job, own, caps, |usage| *usage)
                 .await
