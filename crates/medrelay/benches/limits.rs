@@ -427,56 +427,87 @@ impl Steps {
     }
 }
 
+/// One worker of the queue loops: medrelay's insert (checking `caps`), claim and completion.
+struct QueueWorker {
+    db: Db,
+    lease: LeaseToken,
+    key: WrappedKey,
+    caps: InsertCaps,
+    steps: Arc<Steps>,
+}
+
+impl QueueWorker {
+    fn new(db: &Db, name: String, caps: InsertCaps, steps: Arc<Steps>) -> QueueWorker {
+        QueueWorker {
+            db: db.clone(),
+            lease: LeaseToken::from_raw(name),
+            key: WrappedKey {
+                kid: "k".into(),
+                bytes: vec![0; 60],
+            },
+            caps,
+            steps,
+        }
+    }
+
+    /// Inserts a job of `user`, claims one (maybe another worker's) and completes it; how many
+    /// jobs it completed.
+    async fn job(&self, user: &str) -> usize {
+        let (db, steps) = (&self.db, &self.steps);
+        let t = Instant::now();
+        let inserted = db
+            .insert_job_admitted(&new_job(user), None, self.caps, |_| ())
+            .await;
+        Steps::add(&steps.insert, t);
+        if !matches!(inserted, Ok(Ok(_))) {
+            fail("insert failed".into());
+        }
+        let t = Instant::now();
+        let claimed = db
+            .claim(&self.lease, Duration::from_secs(60), 1)
+            .await
+            .unwrap_or_else(|e| fail(format!("claim: {e}")));
+        Steps::add(&steps.claim, t);
+        let mut completed = 0;
+        for row in claimed {
+            let t = Instant::now();
+            let done = db
+                .complete(&row.id, &self.lease, b"result", &self.key)
+                .await;
+            Steps::add(&steps.complete, t);
+            if !matches!(done, Ok(true)) {
+                fail(format!("complete: {done:?}"));
+            }
+            completed += 1;
+        }
+        completed
+    }
+}
+
 /// Jobs/s of `WORKERS` tasks, each running insert → claim → complete for `secs`.
 async fn medrelay_loop(db: &Db, secs: u64) -> f64 {
     let steps = Arc::new(Steps::default());
     let done = Arc::new(AtomicUsize::new(0));
     let until = Instant::now() + Duration::from_secs(secs);
+    // medrelay's default caps: each user stays far below them here, so every insert is
+    // admitted, and each one checks them.
+    let caps = InsertCaps {
+        since: medrelay::clock::now_millis() - 3_600_000,
+        active_jobs: 20,
+        uploads_per_window: 120,
+    };
     let tasks: Vec<_> = (0..WORKERS)
         .map(|w| {
-            let (db, done, steps) = (db.clone(), done.clone(), steps.clone());
+            let worker = QueueWorker::new(db, format!("lease-{w}"), caps, steps.clone());
+            let done = done.clone();
             tokio::spawn(async move {
                 // Many users with a few jobs each, as a phone app has (one user sending
                 // hundreds of jobs a second would be stopped by the hourly limit).
                 let mut n = 0usize;
-                // medrelay's default caps: each user stays far below them here, so every
-                // insert is admitted, and each one checks them.
-                let caps = medrelay::db::InsertCaps {
-                    since: medrelay::clock::now_millis() - 3_600_000,
-                    active_jobs: 20,
-                    uploads_per_window: 120,
-                };
-                let lease = LeaseToken::from_raw(format!("lease-{w}"));
-                let key = WrappedKey {
-                    kid: "k".into(),
-                    bytes: vec![0; 60],
-                };
                 while Instant::now() < until {
                     n += 1;
-                    let user = format!("user-{w}-{}", n % 64);
-                    let t = Instant::now();
-                    let inserted = db
-                        .insert_job_admitted(&new_job(&user), None, caps, |_| ())
-                        .await;
-                    Steps::add(&steps.insert, t);
-                    if !matches!(inserted, Ok(Ok(_))) {
-                        fail("insert failed".into());
-                    }
-                    let t = Instant::now();
-                    let claimed = db
-                        .claim(&lease, Duration::from_secs(60), 1)
-                        .await
-                        .unwrap_or_else(|e| fail(format!("claim: {e}")));
-                    Steps::add(&steps.claim, t);
-                    for row in claimed {
-                        let t = Instant::now();
-                        let completed = db.complete(&row.id, &lease, b"result", &key).await;
-                        Steps::add(&steps.complete, t);
-                        if !matches!(completed, Ok(true)) {
-                            fail(format!("complete: {completed:?}"));
-                        }
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
+                    let completed = worker.job(&format!("user-{w}-{}", n % 64)).await;
+                    done.fetch_add(completed, Ordering::Relaxed);
                 }
             })
         })
@@ -683,40 +714,24 @@ async fn sustained(s: &Settings) -> Vec<Figure> {
         let until = start + Duration::from_secs(10 * windows as u64);
         // Each worker offers its share of the rate on a fixed schedule.
         let every = Duration::from_secs_f64(WORKERS as f64 / rate);
+        // No caps here: a run of 10 minutes would take its users past the hourly one.
+        let steps = Arc::new(Steps::default());
         let tasks: Vec<_> = (0..WORKERS)
             .map(|w| {
-                let (db, counts) = (db.clone(), counts.clone());
+                let worker =
+                    QueueWorker::new(&db, format!("sustain-{w}"), InsertCaps::NONE, steps.clone());
+                let counts = counts.clone();
                 tokio::spawn(async move {
-                    let lease = LeaseToken::from_raw(format!("sustain-{w}"));
-                    let key = WrappedKey {
-                        kid: "k".into(),
-                        bytes: vec![0; 60],
-                    };
                     let mut ticks = tokio::time::interval(every);
                     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     let mut n = 0usize;
                     while Instant::now() < until {
                         ticks.tick().await;
                         n += 1;
-                        let job = new_job(&format!("sustain-{w}-{}", n % 64));
-                        let inserted = db
-                            .insert_job_admitted(&job, None, InsertCaps::NONE, |_| ())
-                            .await;
-                        if !matches!(inserted, Ok(Ok(_))) {
-                            fail("insert failed".into());
-                        }
-                        let claimed = db
-                            .claim(&lease, Duration::from_secs(60), 1)
-                            .await
-                            .unwrap_or_else(|e| fail(format!("claim: {e}")));
-                        for row in claimed {
-                            if !matches!(db.complete(&row.id, &lease, b"r", &key).await, Ok(true)) {
-                                fail("complete failed".into());
-                            }
-                            let window = (start.elapsed().as_secs() / 10) as usize;
-                            if let Some(count) = counts.get(window) {
-                                count.fetch_add(1, Ordering::Relaxed);
-                            }
+                        let completed = worker.job(&format!("sustain-{w}-{}", n % 64)).await;
+                        let window = (start.elapsed().as_secs() / 10) as usize;
+                        if let Some(count) = counts.get(window) {
+                            count.fetch_add(completed, Ordering::Relaxed);
                         }
                     }
                 })
@@ -1064,12 +1079,20 @@ async fn claude_mock(
     (format!("http://{addr}"), in_flight, answered)
 }
 
-fn rss_mib(pid: u32) -> f64 {
+/// A field of `/proc/PID/status`, trimmed (empty when absent).
+fn proc_status(pid: u32, name: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .find_map(|l| l.strip_prefix(name))
+        .map_or(String::new(), |v| v.trim().to_owned())
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    proc_status(pid, "VmRSS:")
+        .split_whitespace()
+        .next()
+        .and_then(|kib| kib.parse::<f64>().ok())
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
@@ -1158,14 +1181,7 @@ async fn in_flight(bin: &Path, s: &Settings) -> Vec<Figure> {
         tokio::time::sleep(Duration::from_secs(5)).await;
         cpu.push((server.cpu() - before) / 5.0 * 100.0, f64::NAN);
         rss.push(rss_mib(server.pid), f64::NAN);
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", server.pid)).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map_or(String::new(), |v| v.trim().to_owned())
-        };
+        let field = |name: &str| proc_status(server.pid, name);
         eprintln!(
             "    while waiting: threads {}, RSS {} (anonymous {}), file descriptors {}",
             field("Threads:"),

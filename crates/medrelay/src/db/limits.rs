@@ -239,60 +239,36 @@ impl Db {
         caps: InsertCaps,
         refused: impl FnOnce(&Usage) -> E,
     ) -> Result<std::result::Result<Inserted, E>> {
-        let inserted = match self {
-            Db::Postgres(p) => {
-                async {
-                    let mut tx = p.begin().await?;
-                    sqlx::query(LOCK_USER)
-                        .bind(&job.user_prefix)
-                        .execute(&mut *tx)
-                        .await?;
-                    if let Some(slot) = own_slot {
-                        sqlx::query(RELEASE_SLOT)
-                            .bind(slot)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    let row = bind_insert!(job, caps).fetch_optional(&mut *tx).await?;
-                    let Some(row) = row else {
-                        let usage = usage_in!(&mut *tx, &job.user_prefix, job.now, caps.since)?;
-                        return Ok(Err(usage));
-                    };
-                    tx.commit().await?;
-                    Ok::<_, sqlx::Error>(Ok(row))
-                }
-                .await
+        let postgres = matches!(self, Db::Postgres(_));
+        let inserted = on_pool!(self, |p| async {
+            // SQLite's common case: one statement, the write lock held for it alone.
+            if !postgres && own_slot.is_none() {
+                return match bind_insert!(job, caps).fetch_optional(p).await? {
+                    Some(row) => Ok(Ok(row)),
+                    None => Ok(Err(usage_in!(p, &job.user_prefix, job.now, caps.since)?)),
+                };
             }
-            Db::Sqlite(p) => {
-                async {
-                    let row = match own_slot {
-                        // The common case: one statement, the write lock held for it alone.
-                        None => bind_insert!(job, caps).fetch_optional(p).await?,
-                        Some(slot) => {
-                            let mut tx = p.begin().await?;
-                            sqlx::query(RELEASE_SLOT)
-                                .bind(slot)
-                                .execute(&mut *tx)
-                                .await?;
-                            let row = bind_insert!(job, caps).fetch_optional(&mut *tx).await?;
-                            let Some(row) = row else {
-                                let usage =
-                                    usage_in!(&mut *tx, &job.user_prefix, job.now, caps.since)?;
-                                return Ok(Err(usage));
-                            };
-                            tx.commit().await?;
-                            Some(row)
-                        }
-                    };
-                    let Some(row) = row else {
-                        let usage = usage_in!(p, &job.user_prefix, job.now, caps.since)?;
-                        return Ok(Err(usage));
-                    };
-                    Ok::<_, sqlx::Error>(Ok(row))
-                }
-                .await
+            let mut tx = p.begin().await?;
+            if postgres {
+                sqlx::query(LOCK_USER)
+                    .bind(&job.user_prefix)
+                    .execute(&mut *tx)
+                    .await?;
             }
-        };
+            if let Some(slot) = own_slot {
+                sqlx::query(RELEASE_SLOT)
+                    .bind(slot)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let Some(row) = bind_insert!(job, caps).fetch_optional(&mut *tx).await? else {
+                let usage = usage_in!(&mut *tx, &job.user_prefix, job.now, caps.since)?;
+                return Ok(Err(usage));
+            };
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(Ok(row))
+        }
+        .await);
         match inserted {
             Ok(Ok(row)) => Ok(Ok(Inserted::Created(Box::new(row)))),
             Ok(Err(usage)) => Ok(Err(refused(&usage))),
