@@ -120,6 +120,30 @@ fn postgres_transient(code: &str) -> bool {
         || matches!(code, "40001" | "40P01" | "55P03")
 }
 
+/// A connection idle for this long is pinged before it is used again.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// sqlx pings every connection when it leaves the pool (`test_before_acquire`) and again when it
+/// comes back: two extra round trips for every statement, to SQLite's connection thread or to
+/// PostgreSQL, which made up a third of a poll (issue #14). The ping on the way back stays (it
+/// catches a connection broken while in use); the one on the way out runs only for a connection
+/// that sat idle long enough to have been cut (a database restart, a terminated backend).
+fn ping_only_if_idle<DB: sqlx::Database>(
+    options: sqlx::pool::PoolOptions<DB>,
+) -> sqlx::pool::PoolOptions<DB> {
+    options
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for < PING_IF_IDLE_FOR {
+                    return Ok(true);
+                }
+                // A failed ping closes the connection; the pool then takes or opens another.
+                Ok(sqlx::Connection::ping(conn).await.is_ok())
+            })
+        })
+}
+
 impl Db {
     /// Connects and runs the backend's migrations.
     pub async fn connect(url: &str) -> anyhow::Result<Db> {
@@ -147,8 +171,7 @@ impl Db {
                     format!("creating the database folder {}", parent.display())
                 })?;
             }
-            let pool = SqlitePoolOptions::new()
-                .max_connections(8)
+            let pool = ping_only_if_idle(SqlitePoolOptions::new().max_connections(8))
                 .connect_with(options)
                 .await
                 .context("opening the SQLite database")?;
@@ -160,8 +183,7 @@ impl Db {
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let options =
                 PgConnectOptions::from_str(url).context("invalid PostgreSQL database URL")?;
-            let pool = PgPoolOptions::new()
-                .max_connections(16)
+            let pool = ping_only_if_idle(PgPoolOptions::new().max_connections(16))
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(options)
                 .await

@@ -692,3 +692,24 @@ async fn rescue_rules_hold_on_postgres() {
     db.close().await;
     harness::drop_postgres(&name).await;
 }
+
+/// The pool skips sqlx's ping before every statement (issue #14) but still pings a connection
+/// that sat idle: one the database cut meanwhile is replaced, not handed to a statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_while_idle_is_replaced_before_use() {
+    let (db, name) = postgres().await;
+    let id = JobId::new();
+    assert!(db.get_job_by_id(&id).await.unwrap().is_none());
+    assert!(
+        harness::terminate_backends(&name).await >= 1,
+        "the pool's connection was not found to cut"
+    );
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    for _ in 0..3 {
+        db.get_job_by_id(&id)
+            .await
+            .expect("a statement after the database cut an idle connection");
+    }
+    db.close().await;
+    harness::drop_postgres(&name).await;
+}
