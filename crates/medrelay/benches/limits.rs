@@ -427,18 +427,74 @@ impl Steps {
     }
 }
 
-/// One worker of the queue loops: medrelay's insert (checking `caps`), claim and completion.
+/// What the server's `lifecycle::announce_changes` does with the claims and successes of its
+/// workers on PostgreSQL (the database's trigger leaves those to the instance): ids gathered
+/// while the previous `NOTIFY` is on its way, sent together. Nothing on SQLite.
+struct Announcer {
+    pending: parking_lot::Mutex<Vec<JobId>>,
+    wake: tokio::sync::Notify,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+impl Announcer {
+    fn start(db: &Db) -> (Arc<Announcer>, tokio::task::JoinHandle<()>) {
+        let announcer = Arc::new(Announcer {
+            pending: parking_lot::Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+        });
+        let (db, me) = (db.clone(), announcer.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                me.wake.notified().await;
+                let batch = std::mem::take(&mut *me.pending.lock());
+                if !batch.is_empty() {
+                    db.announce(&batch)
+                        .await
+                        .unwrap_or_else(|e| fail(format!("announce: {e}")));
+                }
+                if me.stopping.load(Ordering::Acquire) && me.pending.lock().is_empty() {
+                    return;
+                }
+            }
+        });
+        (announcer, task)
+    }
+
+    fn push(&self, id: JobId) {
+        self.pending.lock().push(id);
+        self.wake.notify_one();
+    }
+
+    async fn stop(&self, task: tokio::task::JoinHandle<()>) {
+        self.stopping.store(true, Ordering::Release);
+        self.wake.notify_one();
+        task.await
+            .unwrap_or_else(|e| fail(format!("the announcer: {e}")));
+    }
+}
+
+/// One worker of the queue loops: medrelay's insert (checking `caps`), claim and completion,
+/// each claim and success announced as the server does.
 struct QueueWorker {
     db: Db,
     lease: LeaseToken,
     key: WrappedKey,
     caps: InsertCaps,
     steps: Arc<Steps>,
+    announcer: Arc<Announcer>,
 }
 
 impl QueueWorker {
-    fn new(db: &Db, name: String, caps: InsertCaps, steps: Arc<Steps>) -> QueueWorker {
+    fn new(
+        db: &Db,
+        name: String,
+        caps: InsertCaps,
+        steps: Arc<Steps>,
+        announcer: Arc<Announcer>,
+    ) -> QueueWorker {
         QueueWorker {
+            announcer,
             db: db.clone(),
             lease: LeaseToken::from_raw(name),
             key: WrappedKey {
@@ -470,6 +526,7 @@ impl QueueWorker {
         Steps::add(&steps.claim, t);
         let mut completed = 0;
         for row in claimed {
+            self.announcer.push(row.id.clone());
             let t = Instant::now();
             let done = db
                 .complete(&row.id, &self.lease, b"result", &self.key)
@@ -478,6 +535,7 @@ impl QueueWorker {
             if !matches!(done, Ok(true)) {
                 fail(format!("complete: {done:?}"));
             }
+            self.announcer.push(row.id);
             completed += 1;
         }
         completed
@@ -496,9 +554,16 @@ async fn medrelay_loop(db: &Db, secs: u64) -> f64 {
         active_jobs: 20,
         uploads_per_window: 120,
     };
+    let (announcer, announcing) = Announcer::start(db);
     let tasks: Vec<_> = (0..WORKERS)
         .map(|w| {
-            let worker = QueueWorker::new(db, format!("lease-{w}"), caps, steps.clone());
+            let worker = QueueWorker::new(
+                db,
+                format!("lease-{w}"),
+                caps,
+                steps.clone(),
+                announcer.clone(),
+            );
             let done = done.clone();
             tokio::spawn(async move {
                 // Many users with a few jobs each, as a phone app has (one user sending
@@ -513,6 +578,7 @@ async fn medrelay_loop(db: &Db, secs: u64) -> f64 {
         })
         .collect();
     futures::future::join_all(tasks).await;
+    announcer.stop(announcing).await;
     let jobs = done.load(Ordering::Relaxed) as f64;
     steps.report("medrelay", jobs);
     jobs / secs as f64
@@ -716,10 +782,16 @@ async fn sustained(s: &Settings) -> Vec<Figure> {
         let every = Duration::from_secs_f64(WORKERS as f64 / rate);
         // No caps here: a run of 10 minutes would take its users past the hourly one.
         let steps = Arc::new(Steps::default());
+        let (announcer, announcing) = Announcer::start(&db);
         let tasks: Vec<_> = (0..WORKERS)
             .map(|w| {
-                let worker =
-                    QueueWorker::new(&db, format!("sustain-{w}"), InsertCaps::NONE, steps.clone());
+                let worker = QueueWorker::new(
+                    &db,
+                    format!("sustain-{w}"),
+                    InsertCaps::NONE,
+                    steps.clone(),
+                    announcer.clone(),
+                );
                 let counts = counts.clone();
                 tokio::spawn(async move {
                     let mut ticks = tokio::time::interval(every);
@@ -738,6 +810,7 @@ async fn sustained(s: &Settings) -> Vec<Figure> {
             })
             .collect();
         futures::future::join_all(tasks).await;
+        announcer.stop(announcing).await;
         let per_window: Vec<f64> = counts
             .iter()
             .map(|c| c.load(Ordering::Relaxed) as f64 / 10.0)

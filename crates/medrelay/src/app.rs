@@ -145,6 +145,11 @@ pub async fn start_with(state: AppState, listener: TcpListener) -> anyhow::Resul
         tasks.spawn(crate::sweeper::run(state.clone(), shutdown.clone()));
     }
     if state.lifecycle.db().has_notifications() {
+        // The claims and successes of this instance, which the database's trigger leaves to it.
+        tasks.spawn(crate::lifecycle::announce_changes(
+            state.lifecycle.clone(),
+            shutdown.clone(),
+        ));
         tasks.spawn(keep_clock_aligned(
             state.lifecycle.db().clone(),
             shutdown.clone(),

@@ -57,11 +57,12 @@ impl Lifecycle {
             .collect())
     }
 
-    /// Registers a claimed job as running here (so an end can stop it) and announces it.
+    /// Registers a claimed job as running here (so an end can stop it) and announces it (the
+    /// database's trigger leaves claims to the instance that made them).
     pub fn begin(&self, job: &Claimed, cancel: CancellationToken) {
         self.running()
             .insert(&job.row.id, &job.row.user_prefix, cancel);
-        self.publish(&job.row.id);
+        self.announce(&job.row.id);
     }
 
     /// The attempt stopped running here (finished, cancelled or handed back).

@@ -86,7 +86,9 @@ impl Lifecycle {
     ) -> Result<(), Error> {
         self.running().cancel(id);
         let deleted = self.store().delete_job_objects(prefix, id).await;
-        self.publish(id);
+        // Announced here, not only by the database's trigger, which leaves successes to the
+        // instance that made them.
+        self.announce(id);
         match &end {
             End::Succeeded => {
                 metrics::counter!("medrelay_jobs_finished_total", "outcome" => "succeeded")

@@ -37,7 +37,7 @@ use tokio::sync::{Notify, broadcast};
 pub use accept::Incoming;
 pub use attempt::{Claimed, retry_delay};
 pub use end::DeleteOutcome;
-pub use events::relay_notifications;
+pub use events::{announce_changes, relay_notifications};
 pub use running::RunningJobs;
 pub use view::Lookup;
 
@@ -115,6 +115,8 @@ struct Inner {
     rules: Rules,
     /// Ids of jobs that changed, for event streams.
     events: broadcast::Sender<JobId>,
+    /// Changes this instance announces to the others (PostgreSQL).
+    announcements: events::Announcements,
     /// Wakes the worker: a job was queued, or a worker slot came free.
     wake: Notify,
     /// Wakes the worker's periodic work before its timer: a purge is due.
@@ -134,6 +136,7 @@ impl Lifecycle {
                 prefix_key,
                 rules,
                 events,
+                announcements: events::Announcements::default(),
                 wake: Notify::new(),
                 maintain: Notify::new(),
                 running: RunningJobs::default(),

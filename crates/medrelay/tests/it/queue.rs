@@ -713,3 +713,60 @@ async fn a_connection_cut_while_idle_is_replaced_before_use() {
     db.close().await;
     harness::drop_postgres(&name).await;
 }
+
+/// The next notification's ids, within 5 s.
+async fn next(notes: &mut medrelay::db::JobNotifications) -> Vec<JobId> {
+    tokio::time::timeout(Duration::from_secs(5), notes.recv())
+        .await
+        .expect("a notification within 5 s")
+        .unwrap()
+}
+
+/// What reaches other instances on PostgreSQL: the database announces every change but an
+/// insert (nobody can follow a job before its 202), a claim and a success; those two the
+/// instance that made them announces itself, several ids to a NOTIFY (issue #14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_announces_every_change_but_inserts_claims_and_successes() {
+    let (db, name) = postgres().await;
+    let mut notes = db.listen().await.unwrap().expect("PostgreSQL listens");
+    let key = WrappedKey {
+        kid: "k".into(),
+        bytes: vec![0; 60],
+    };
+    // Inserted, claimed and succeeded: nothing from the database.
+    let done = new_id("done");
+    insert(&db, &done).await;
+    let claimed = db.claim(&lease("w"), LEASE, 1).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(db.complete(&done, &lease("w"), b"r", &key).await.unwrap());
+    // Inserted, claimed, then retried and deleted: each of those two is announced.
+    let retried = new_id("retried");
+    insert(&db, &retried).await;
+    assert_eq!(db.claim(&lease("w"), LEASE, 1).await.unwrap().len(), 1);
+    assert!(
+        db.schedule_retry(&retried, &lease("w"), now_millis() + 60_000)
+            .await
+            .unwrap()
+    );
+    db.tombstone_job(&retried, DeletionReason::DeletedByUser)
+        .await
+        .unwrap()
+        .expect("a live job to delete");
+    // An instance's own batch.
+    let other = new_id("other");
+    db.announce(&[done.clone(), other.clone()]).await.unwrap();
+
+    let ids = |ids: Vec<JobId>| {
+        ids.iter()
+            .map(|id| id.as_str().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let (retried, done, other) = (retried.as_str(), done.as_str(), other.as_str());
+    assert_eq!(ids(next(&mut notes).await), [retried], "the retry");
+    assert_eq!(ids(next(&mut notes).await), [retried], "the delete");
+    assert_eq!(ids(next(&mut notes).await), [done, other], "the batch");
+    // The listener holds a connection of the pool, which closing waits for.
+    drop(notes);
+    db.close().await;
+    harness::drop_postgres(&name).await;
+}
