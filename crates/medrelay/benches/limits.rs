@@ -429,7 +429,8 @@ impl Steps {
 
 /// What the server's `lifecycle::announce_changes` does with the claims and successes of its
 /// workers on PostgreSQL (the database's trigger leaves those to the instance): ids gathered
-/// while the previous `NOTIFY` is on its way, sent together. Nothing on SQLite.
+/// while the previous `NOTIFY` is on its way and for the server's gap after it, sent together.
+/// Nothing on SQLite.
 struct Announcer {
     pending: parking_lot::Mutex<Vec<JobId>>,
     wake: tokio::sync::Notify,
@@ -449,9 +450,13 @@ impl Announcer {
                 me.wake.notified().await;
                 let batch = std::mem::take(&mut *me.pending.lock());
                 if !batch.is_empty() {
+                    let sent = tokio::time::Instant::now();
                     db.announce(&batch)
                         .await
                         .unwrap_or_else(|e| fail(format!("announce: {e}")));
+                    if !me.stopping.load(Ordering::Acquire) {
+                        tokio::time::sleep_until(sent + medrelay::lifecycle::ANNOUNCE_GAP).await;
+                    }
                 }
                 if me.stopping.load(Ordering::Acquire) && me.pending.lock().is_empty() {
                     return;

@@ -17,6 +17,10 @@ use super::Lifecycle;
 use crate::ids::JobId;
 use crate::model::JobStatus;
 
+/// At most one announcement per this long: under load the ids of many claims and successes
+/// share one `NOTIFY` (a transaction of its own), while a lone change is announced at once.
+pub const ANNOUNCE_GAP: Duration = Duration::from_millis(10);
+
 /// Announcements waiting beyond this many (the database unreachable for long) are dropped:
 /// event streams re-read their job every few seconds anyway.
 const MAX_PENDING: usize = 10_000;
@@ -68,6 +72,7 @@ pub async fn announce_changes(
         };
         let batch = std::mem::take(&mut *announcements.pending.lock());
         if !batch.is_empty() {
+            let sent = tokio::time::Instant::now();
             if let Err(e) = lifecycle.db().announce(&batch).await {
                 tracing::warn!(error = %e, "announcing job changes failed; retrying");
                 {
@@ -89,6 +94,13 @@ pub async fn announce_changes(
                 continue;
             }
             wait = Duration::from_millis(100);
+            if !stopping {
+                // What arrives meanwhile waits for the gap and goes in the next batch.
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep_until(sent + ANNOUNCE_GAP) => {}
+                }
+            }
         }
         if stopping {
             return Ok(());

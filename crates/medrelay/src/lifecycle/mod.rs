@@ -37,7 +37,7 @@ use tokio::sync::{Notify, broadcast};
 pub use accept::Incoming;
 pub use attempt::{Claimed, retry_delay};
 pub use end::DeleteOutcome;
-pub use events::{announce_changes, relay_notifications};
+pub use events::{ANNOUNCE_GAP, announce_changes, relay_notifications};
 pub use running::RunningJobs;
 pub use view::Lookup;
 
