@@ -689,3 +689,51 @@ async fn the_admin_address_alone_serves_the_operations_routes() {
         .unwrap();
     assert!(spec["paths"]["/metrics"].is_object());
 }
+
+/// A finished job's event stream answers its last state and ends without taking one of the
+/// user's stream slots (issue #14): with the cap at one and that one held by a stream of a job
+/// in progress, the finished job's stream is still answered, and a second stream of the job in
+/// progress is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_jobs_stream_takes_no_stream_slot() {
+    let mut slow = Reply::ok(extraction("read slowly"));
+    slow.delay = Duration::from_secs(30);
+    let (_mock, base) = Mock::start(vec![Reply::ok(extraction("read at once"))], Some(slow)).await;
+    let server = Server::start(&[
+        ("MEDRELAY_PROCESSOR", "anthropic"),
+        ("ANTHROPIC_BASE_URL", &base),
+        ("ANTHROPIC_API_KEY", "sk-ant-test"),
+        ("MEDRELAY_USER_EVENT_STREAMS", "1"),
+    ]);
+    let http = reqwest::Client::new();
+    let alice = server.token("alice");
+    let events = |id: &str| {
+        http.get(format!("{}/v1/jobs/{id}/events", server.addr))
+            .bearer_auth(&alice)
+            .send()
+    };
+    let finished = server.upload(&alice, text_pdf(&["Read at once"])).await;
+    let finished = finished["id"].as_str().unwrap().to_owned();
+    let done = wait_terminal(&http, &server.addr, &alice, &finished).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let running = server.upload(&alice, text_pdf(&["Read slowly"])).await;
+    let running = running["id"].as_str().unwrap().to_owned();
+    let held = events(&running).await.unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+
+    let answered = events(&finished).await.unwrap();
+    assert_eq!(
+        answered.status(),
+        StatusCode::OK,
+        "the finished job's stream"
+    );
+    let body = tokio::time::timeout(Duration::from_secs(5), answered.text())
+        .await
+        .expect("a finished job's stream ends at once")
+        .unwrap();
+    assert!(body.contains("\"succeeded\""), "{body}");
+    // The cap is in force: the held slot is the only one.
+    let (_, detail) = assert_too_many(events(&running).await.unwrap()).await;
+    assert!(detail.contains("following documents"), "{detail}");
+    drop(held);
+}
