@@ -86,9 +86,13 @@ impl Lifecycle {
     ) -> Result<(), Error> {
         self.running().cancel(id);
         let deleted = self.store().delete_job_objects(prefix, id).await;
-        // Announced here, not only by the database's trigger, which leaves successes to the
-        // instance that made them.
-        self.announce(id);
+        // The database's trigger announces every other end; a success is left to the
+        // instance that made it.
+        if matches!(end, End::Succeeded) {
+            self.announce(id);
+        } else {
+            self.publish(id);
+        }
         match &end {
             End::Succeeded => {
                 metrics::counter!("medrelay_jobs_finished_total", "outcome" => "succeeded")
