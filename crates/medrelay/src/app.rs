@@ -36,7 +36,15 @@ pub async fn build_state(settings: Settings) -> anyhow::Result<AppState> {
     let auth = Authenticator::new(&settings).context("loading token keys")?;
     let processor = crate::processor::configured(&settings)?;
     let limits = Limits::new(db.clone(), &settings);
-    let lifecycle = Lifecycle::new(db, store, keyring, Rules::from_settings(&settings))?;
+    let push = crate::push::Fcm::from_settings(&settings)?;
+    if push.is_none() {
+        tracing::info!(
+            "push notifications are off (MEDRELAY_FCM_CREDENTIALS_FILE is not set): an upload's \
+             Push-Token is not kept"
+        );
+    }
+    let rules = Rules::from_settings(&settings);
+    let lifecycle = Lifecycle::new(db, store, keyring, rules, push)?;
     Ok(AppState {
         settings: Arc::new(settings),
         lifecycle,

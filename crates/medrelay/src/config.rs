@@ -300,6 +300,14 @@ pub struct Settings {
     pub poll_interval: Duration,
     #[serde(deserialize_with = "loose_string")]
     pub log_format: String,
+    /// A Google service-account JSON (`project_id`, `client_email`, `private_key`,
+    /// `token_uri`) for Firebase Cloud Messaging. Unset: push notifications are off, and an
+    /// upload's `Push-Token` is not kept.
+    #[serde(default)]
+    pub fcm_credentials_file: Option<PathBuf>,
+    /// Where FCM's HTTP v1 API is (tests point it at a local mock).
+    #[serde(deserialize_with = "loose_string")]
+    pub fcm_base_url: String,
 }
 
 impl fmt::Debug for Settings {
@@ -346,6 +354,8 @@ impl fmt::Debug for Settings {
             .field("upload_min_rate", &self.upload_min_rate)
             .field("admin_listen", &self.admin_listen)
             .field("roles", &self.roles)
+            .field("fcm_credentials_file", &self.fcm_credentials_file)
+            .field("fcm_base_url", &self.fcm_base_url)
             .finish_non_exhaustive()
     }
 }
@@ -404,6 +414,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "shutdown_grace",
     "poll_interval",
     "log_format",
+    "fcm_credentials_file",
+    "fcm_base_url",
 ];
 
 /// Command-line overrides, as the CLI collected them (each `None` when not given).

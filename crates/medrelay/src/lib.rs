@@ -8,6 +8,7 @@
 //!   `keys`, `crypto`, `telemetry`;
 //! - the two stores: `db` (SQL, nothing else) and `store` (bytes, one file per backend);
 //! - `processor`: a document in, a result out;
+//! - `push`: a data-only push to the device when its job ends (FCM), no patient data;
 //! - `limits`: fair use (per-user and per-instance limits, the spend guard);
 //! - `lifecycle`: every state change of a job with its side effects, and every rule about
 //!   patient data;
@@ -33,6 +34,7 @@ pub mod limits;
 pub mod model;
 pub mod processor;
 pub mod purge;
+pub mod push;
 pub mod state;
 pub mod store;
 pub mod sweeper;

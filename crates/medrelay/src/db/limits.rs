@@ -67,8 +67,8 @@ macro_rules! other_upload_slots {
 const INSERT_JOB_ADMITTED: &str = concat!(
     "INSERT INTO jobs (id, user_id, user_prefix, status, media_type, size_bytes, attempts, \
      max_attempts, run_at, idempotency_key, created_at, updated_at, expires_at, document_kek, \
-     document_dek) \
-     SELECT $1, $2, $3, 'queued', $4, $5, 0, $6, $7, $8, $12, $7, $9, $10, $11 \
+     document_dek, push_token, push_kek, push_dek) \
+     SELECT $1, $2, $3, 'queued', $4, $5, 0, $6, $7, $8, $12, $7, $9, $10, $11, $16, $17, $18 \
      WHERE (SELECT count(*) FROM jobs WHERE user_prefix = $3 AND deleted_at IS NULL \
         AND status IN ('queued', 'processing', 'retry_scheduled')) + ",
     other_upload_slots!(),
@@ -115,6 +115,9 @@ macro_rules! bind_insert {
             .bind($caps.active_jobs)
             .bind($caps.since)
             .bind($caps.uploads_per_window)
+            .bind($job.push_token.as_ref().map(|p| &p.sealed))
+            .bind($job.push_token.as_ref().map(|p| &p.key.kid))
+            .bind($job.push_token.as_ref().map(|p| &p.key.bytes))
     };
 }
 

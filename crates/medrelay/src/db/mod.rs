@@ -40,7 +40,7 @@ mod rows;
 pub use limits::{InsertCaps, SlotKind, Usage};
 pub use notify::JobNotifications;
 pub use purges::PURGE_LEASE_MS;
-pub use rows::{Inserted, JobRow, NewJob, PurgeRow};
+pub use rows::{Inserted, JobRow, NewJob, PurgeRow, Sealed};
 
 /// The job database. Cheap to clone.
 #[derive(Clone, Debug)]

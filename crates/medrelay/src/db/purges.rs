@@ -24,7 +24,8 @@ macro_rules! tombstone {
             "UPDATE jobs SET deleted_at = $1, deleted_reason = $2, result = NULL, \
              error_message = NULL, idempotency_key = NULL, lease_token = NULL, \
              lease_until = NULL, updated_at = $1, document_kek = NULL, document_dek = NULL, \
-             result_kek = NULL, result_dek = NULL, user_id = user_prefix ",
+             result_kek = NULL, result_dek = NULL, push_token = NULL, push_kek = NULL, \
+             push_dek = NULL, user_id = user_prefix ",
             $where
         )
     };
@@ -94,7 +95,8 @@ impl Db {
         let sql = "UPDATE jobs SET status = 'failed', error_code = $1, error_message = $2, \
                    error_retryable = $3, result = NULL, document_kek = NULL, document_dek = NULL, \
                    result_kek = NULL, result_dek = NULL, lease_token = NULL, lease_until = NULL, \
-                   next_attempt_at = NULL, idempotency_key = NULL, updated_at = $4 \
+                   next_attempt_at = NULL, idempotency_key = NULL, updated_at = $4, \
+                   push_token = NULL, push_kek = NULL, push_dek = NULL \
                    WHERE user_prefix = $5 AND deleted_at IS NULL \
                    RETURNING id";
         let ids = on_pool!(self, |p| sqlx::query_scalar::<_, JobId>(sql)

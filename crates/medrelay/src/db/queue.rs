@@ -166,6 +166,20 @@ impl Db {
         Ok(done == 1)
     }
 
+    /// Takes the push token of a job that ended: `true` for the one caller that cleared it,
+    /// which alone sends the job's push (once, across instances; a crash after this loses the
+    /// push, never doubles it). `false` when it was taken already or the job was deleted.
+    pub async fn take_push_token(&self, id: &JobId) -> Result<bool> {
+        let sql = "UPDATE jobs SET push_token = NULL, push_kek = NULL, push_dek = NULL \
+                   WHERE id = $1 AND push_token IS NOT NULL AND deleted_at IS NULL";
+        let taken = on_pool!(self, |p| sqlx::query(sql)
+            .bind(id)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(taken == 1)
+    }
+
     /// Marks a claimed job failed and destroys its document's key. An `unmanaged` failure also
     /// sets `unmanaged_at`, on which the database's trigger queues a purge of the user. `false`
     /// if the lease was lost.

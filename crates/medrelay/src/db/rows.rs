@@ -40,6 +40,10 @@ pub struct JobRow {
     pub unmanaged_at: Option<i64>,
     /// Attempts that ended with a lost lease.
     pub lost_leases: i64,
+    /// The device's FCM token, sealed, until its push is sent or the job is deleted.
+    pub push_token: Option<Vec<u8>>,
+    pub push_kek: Option<String>,
+    pub push_dek: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for JobRow {
@@ -75,6 +79,32 @@ impl JobRow {
             bytes: self.result_dek.clone()?,
         })
     }
+
+    /// The sealed push token and its wrapped data key, while the job keeps one.
+    pub fn push_token(&self) -> Option<Sealed> {
+        Some(Sealed {
+            sealed: self.push_token.clone()?,
+            key: WrappedKey {
+                kid: self.push_kek.clone()?,
+                bytes: self.push_dek.clone()?,
+            },
+        })
+    }
+}
+
+/// A value sealed under a data key of its own, and that key wrapped by a master key.
+#[derive(Clone)]
+pub struct Sealed {
+    pub sealed: Vec<u8>,
+    pub key: WrappedKey,
+}
+
+impl std::fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealed")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A purge of one user's data, as queued by the database and recorded for audit.
@@ -102,6 +132,8 @@ pub struct NewJob {
     pub max_attempts: i64,
     pub idempotency_key: Option<String>,
     pub document_key: WrappedKey,
+    /// The upload's push token, sealed (only where push is on).
+    pub push_token: Option<Sealed>,
     pub now: i64,
     /// When its upload started: the job's `created_at`, from which it expires.
     pub created_at: i64,

@@ -27,6 +27,7 @@ use crate::limits::{Admission, UPLOAD_SLOT_AFTER};
 use crate::model::Job;
 use crate::processor::sniff::SNIFF_LEN;
 use crate::processor::{Sniffed, sniff};
+use crate::push::PushToken;
 use crate::state::AppState;
 
 /// An upload that sends nothing for this long is cut off (slow-loris protection).
@@ -44,6 +45,8 @@ const MULTIPART_OVERHEAD: u64 = 64 * 1024;
     params(
         ("Idempotency-Key" = Option<String>, Header,
             description = "The same key from the same user returns the same job and creates nothing new"),
+        ("Push-Token" = Option<String>, Header,
+            description = "An FCM registration token: when the job ends, this device gets one data-only push (`job_id`, `status`), nothing else. Kept sealed with the job only, deleted with it; ignored where the server has no FCM credentials"),
     ),
     request_body(
         description = "The file's bytes, or multipart/form-data with one part named `file`",
@@ -85,6 +88,7 @@ pub async fn create_document(
     // it creates nothing (a phone that lost the 202 of its last upload of the hour gets it).
     let replayed = async {
         let key = idempotency_key(&headers)?;
+        let push = push_token(&headers)?;
         let job = match &key {
             Some(key) => {
                 state
@@ -94,11 +98,17 @@ pub async fn create_document(
             }
             None => None,
         };
-        Ok::<_, ApiError>((key, job))
+        Ok::<_, ApiError>((
+            Asked {
+                idempotency_key: key,
+                push,
+            },
+            job,
+        ))
     }
     .await;
-    let idempotency_key = match replayed {
-        Ok((key, None)) => key,
+    let asked = match replayed {
+        Ok((asked, None)) => asked,
         Ok((_, Some(job))) => {
             body.drain_in_background();
             return Ok(accepted(job));
@@ -125,7 +135,7 @@ pub async fn create_document(
             &headers,
             body.clone(),
             started,
-            idempotency_key,
+            asked,
             &admission,
         );
         tokio::pin!(receiving);
@@ -147,6 +157,13 @@ pub async fn create_document(
     answer
 }
 
+/// What an upload's headers ask for besides its document.
+struct Asked {
+    idempotency_key: Option<String>,
+    /// The device to tell when the job ends (FCM).
+    push: Option<PushToken>,
+}
+
 /// Receives, stores and commits one admitted upload (a twin that committed first with the same
 /// idempotency key wins at the commit).
 async fn upload(
@@ -155,11 +172,11 @@ async fn upload(
     headers: &HeaderMap,
     body: SharedBody,
     started: i64,
-    idempotency_key: Option<String>,
+    asked: Asked,
     admission: &Admission,
 ) -> Result<Response, ApiError> {
     let received = receive(state, user, headers, body.clone(), started).await;
-    let incoming = match received {
+    let mut incoming = match received {
         Ok(incoming) => incoming,
         Err(e) if body.too_slow() || matches!(e, ApiError::UploadTimeout) => {
             // Cut off: what it wrote is gone (the write was aborted), and the connection is
@@ -174,9 +191,15 @@ async fn upload(
             return Err(e);
         }
     };
+    if let Some(token) = asked.push
+        && let Err(e) = incoming.keep_push_token(token)
+    {
+        incoming.abort().await;
+        return Err(e.into());
+    }
     let (own_slot, caps, refused) = admission.at_insert();
     match incoming
-        .commit(idempotency_key, own_slot.as_deref(), caps, refused)
+        .commit(asked.idempotency_key, own_slot.as_deref(), caps, refused)
         .await?
     {
         Ok(job) => Ok(accepted(job)),
@@ -434,6 +457,15 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         ));
     }
     Ok(Some(key.to_owned()))
+}
+
+fn push_token(headers: &HeaderMap) -> Result<Option<PushToken>, ApiError> {
+    let Some(value) = headers.get("push-token") else {
+        return Ok(None);
+    };
+    PushToken::parse(value.as_bytes().trim_ascii())
+        .map(Some)
+        .map_err(ApiError::BadRequest)
 }
 
 /// Streams `body` through the lifecycle into the store: sniffs the first bytes, enforces the

@@ -8,10 +8,11 @@ use object_store::path::Path;
 use super::{Error, Lifecycle};
 use crate::clock::{millis, now_millis};
 use crate::crypto::{SealingStream, WrappedKey};
-use crate::db::{InsertCaps, Inserted, NewJob, Usage};
+use crate::db::{InsertCaps, Inserted, NewJob, Sealed, Usage};
 use crate::ids::{JobId, UserId, UserPrefix};
 use crate::model::Job;
 use crate::processor::MediaType;
+use crate::push::PushToken;
 use crate::store::{ObjectWriter, Store};
 
 /// A document being received: every pushed byte is sealed and on its way to the store.
@@ -28,6 +29,8 @@ pub struct Incoming {
     size: u64,
     /// When the upload started (unix ms): the job expires one TTL after it.
     started: i64,
+    /// The device's push token, sealed (only where push is configured).
+    push: Option<Sealed>,
 }
 
 impl Lifecycle {
@@ -63,6 +66,7 @@ impl Lifecycle {
             key: wrapped,
             size: 0,
             started,
+            push: None,
         })
     }
 }
@@ -73,6 +77,19 @@ impl Incoming {
         self.size += chunk.len() as u64;
         let parts = self.sealer.push(chunk).map_err(Error::Internal)?;
         self.write(parts).await
+    }
+
+    /// Keeps the device's push token with the job, sealed at once, where push notifications
+    /// are configured; elsewhere it is dropped here and nothing of it is kept.
+    pub fn keep_push_token(&mut self, token: PushToken) -> Result<(), Error> {
+        if self.lifecycle.pushes() {
+            let sealed = self
+                .lifecycle
+                .seal_push_token(&self.prefix, &self.id, &token)
+                .map_err(Error::Internal)?;
+            self.push = Some(sealed);
+        }
+        Ok(())
     }
 
     /// Bytes received so far.
@@ -123,6 +140,7 @@ impl Incoming {
             key,
             size,
             started,
+            push,
             ..
         } = self;
         let written = async {
@@ -148,6 +166,7 @@ impl Incoming {
             max_attempts: lifecycle.rules().max_attempts(),
             idempotency_key,
             document_key: key,
+            push_token: push,
             now,
             // The TTL counts from the upload's first byte, not from its commit.
             created_at: started,

@@ -156,6 +156,7 @@ impl Lifecycle {
             }
         };
         if let Some(end) = ended {
+            self.push_end(row, &end);
             self.forget_job_quietly(&row.user_prefix, &row.id, end)
                 .await;
         }
@@ -204,7 +205,9 @@ impl Lifecycle {
         let rows = self.db().fail_exhausted(&retries_exhausted()).await?;
         for row in rows {
             tracing::warn!(job_id = %row.id, "last attempt lost its lease: job failed");
-            self.forget_job_quietly(&row.user_prefix, &row.id, End::Failed(Failure::LeaseLost))
+            let end = End::Failed(Failure::LeaseLost);
+            self.push_end(&row, &end);
+            self.forget_job_quietly(&row.user_prefix, &row.id, end)
                 .await;
         }
         Ok(())

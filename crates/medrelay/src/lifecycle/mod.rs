@@ -11,7 +11,8 @@
 //! - [`expiry`]: the one-hour limit on jobs and objects;
 //! - [`view`]: what the app may see of a job (another user's job does not exist), with its
 //!   result opened for its owner only;
-//! - [`vault`]: sealing and opening documents and results;
+//! - [`vault`]: sealing and opening documents, results and push tokens;
+//! - [`device`]: the push to the device of an upload when its job ends, sent at most once;
 //! - [`events`]: job changes to event streams, across instances on PostgreSQL;
 //! - [`running`]: the attempts running in this process, so an end can stop them.
 //!
@@ -21,6 +22,7 @@
 
 mod accept;
 mod attempt;
+mod device;
 mod end;
 mod events;
 mod expiry;
@@ -45,6 +47,7 @@ use crate::config::Settings;
 use crate::crypto::Keyring;
 use crate::db::{Db, DbError};
 use crate::ids::{JobId, UserId, UserPrefix};
+use crate::push::Fcm;
 use crate::store::Store;
 
 /// How long a PHI-free tombstone (ids, times, reason) is kept, so that a late poll learns
@@ -122,10 +125,18 @@ struct Inner {
     /// Wakes the worker's periodic work before its timer: a purge is due.
     maintain: Notify,
     running: RunningJobs,
+    /// FCM, where push notifications are configured.
+    push: Option<Arc<Fcm>>,
 }
 
 impl Lifecycle {
-    pub fn new(db: Db, store: Store, keyring: Keyring, rules: Rules) -> anyhow::Result<Self> {
+    pub fn new(
+        db: Db,
+        store: Store,
+        keyring: Keyring,
+        rules: Rules,
+        push: Option<Fcm>,
+    ) -> anyhow::Result<Self> {
         let prefix_key = crate::keys::derive_prefix_key(keyring.prefix_source())?;
         let (events, _) = broadcast::channel(1024);
         Ok(Lifecycle {
@@ -140,6 +151,7 @@ impl Lifecycle {
                 wake: Notify::new(),
                 maintain: Notify::new(),
                 running: RunningJobs::default(),
+                push: push.map(Arc::new),
             }),
         })
     }

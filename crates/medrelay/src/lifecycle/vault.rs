@@ -8,14 +8,17 @@ use zeroize::Zeroizing;
 
 use super::{Claimed, Lifecycle};
 use crate::crypto::{self, Binding, DataKey, IntegrityError, WrappedKey};
-use crate::db::JobRow;
+use crate::db::{JobRow, Sealed};
 use crate::ids::{JobId, UserPrefix};
 use crate::model::DocumentResult;
 use crate::processor::{Document, MediaType, ProcessError, Refusal};
+use crate::push::PushToken;
 use crate::store::{ObjectKind, Store};
 
 /// What `Binding::kind` says for a result (kept in the job row, not the store).
 const RESULT_KIND: &str = "result";
+/// What `Binding::kind` says for a device's push token (kept in the job row).
+const PUSH_TOKEN_KIND: &str = "push-token";
 
 fn binding<'a>(prefix: &'a UserPrefix, job: &'a JobId, kind: &'a str) -> Binding<'a> {
     Binding {
@@ -23,12 +26,6 @@ fn binding<'a>(prefix: &'a UserPrefix, job: &'a JobId, kind: &'a str) -> Binding
         job_id: job.as_str(),
         kind,
     }
-}
-
-/// An encrypted result and its wrapped data key.
-pub(super) struct SealedResult {
-    pub sealed: Vec<u8>,
-    pub key: WrappedKey,
 }
 
 impl Lifecycle {
@@ -103,12 +100,12 @@ impl Lifecycle {
         &self,
         row: &JobRow,
         result: &DocumentResult,
-    ) -> anyhow::Result<SealedResult> {
+    ) -> anyhow::Result<Sealed> {
         let json = Zeroizing::new(serde_json::to_vec(result)?);
         let binding = binding(&row.user_prefix, &row.id, RESULT_KIND);
         let (key, wrapped) = self.inner.keyring.new_data_key(&binding)?;
         let sealed = crypto::seal(&key, &binding, &json)?;
-        Ok(SealedResult {
+        Ok(Sealed {
             sealed,
             key: wrapped,
         })
@@ -139,5 +136,41 @@ impl Lifecycle {
         let binding = binding(&row.user_prefix, &row.id, RESULT_KIND);
         let key = self.inner.keyring.unwrap_key(wrapped, &binding)?;
         crypto::open(&key, &binding, sealed).map(Some)
+    }
+
+    /// Seals a device's push token under a fresh data key bound to its job.
+    pub(super) fn seal_push_token(
+        &self,
+        prefix: &UserPrefix,
+        job: &JobId,
+        token: &PushToken,
+    ) -> anyhow::Result<Sealed> {
+        let binding = binding(prefix, job, PUSH_TOKEN_KIND);
+        let (key, wrapped) = self.inner.keyring.new_data_key(&binding)?;
+        let sealed = crypto::seal(&key, &binding, token.expose().as_bytes())?;
+        Ok(Sealed {
+            sealed,
+            key: wrapped,
+        })
+    }
+
+    /// Opens a job's sealed push token (fails closed). `Err(Ok(kid))`: its master key is not
+    /// configured here (a configuration problem); `Err(Err(_))`: it does not authenticate
+    /// (tampering).
+    pub(super) fn open_push_token(
+        &self,
+        row: &JobRow,
+        sealed: &Sealed,
+    ) -> Result<Zeroizing<Vec<u8>>, Result<String, IntegrityError>> {
+        if !self.inner.keyring.knows(&sealed.key.kid) {
+            return Err(Ok(sealed.key.kid.clone()));
+        }
+        let binding = binding(&row.user_prefix, &row.id, PUSH_TOKEN_KIND);
+        let key = self
+            .inner
+            .keyring
+            .unwrap_key(&sealed.key, &binding)
+            .map_err(Err)?;
+        crypto::open(&key, &binding, &sealed.sealed).map_err(Err)
     }
 }

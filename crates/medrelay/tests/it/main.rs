@@ -5,6 +5,7 @@
 
 // Support
 mod claude_mock;
+mod fcm_mock;
 mod fixtures;
 #[macro_use]
 mod harness;
@@ -29,6 +30,7 @@ mod local_processor;
 mod operations;
 mod polling;
 mod purge;
+mod push;
 mod queue;
 mod sweeping;
 mod tolerant;

@@ -55,6 +55,7 @@ fn job(id: JobId, user: &str, prefix: &str) -> NewJob {
             kid: "k".into(),
             bytes: vec![0; 60],
         },
+        push_token: None,
         now,
         created_at: now,
         expires_at: now + 3_600_000,

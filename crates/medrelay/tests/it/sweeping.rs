@@ -141,6 +141,7 @@ async fn an_undeletable_object_does_not_stop_the_sweep_and_is_retried() {
         store.clone(),
         keyring,
         Rules::from_settings(&settings),
+        None,
     )
     .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -224,6 +225,7 @@ async fn cleared_keys_and_results_survive_nowhere_in_sqlite_files() {
                 kid: "k".into(),
                 bytes,
             },
+            push_token: None,
             now,
             created_at: now,
             expires_at: now + 3_600_000,
