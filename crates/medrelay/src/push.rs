@@ -29,6 +29,9 @@ const FIRST_RETRY: Duration = Duration::from_millis(500);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest token the `Push-Token` header may carry (FCM's are about 160 characters).
 pub const MAX_TOKEN_LEN: usize = 4096;
+/// Pushes in flight at once per instance; the others wait (a slow FCM must not gather
+/// unbounded tasks).
+const MAX_IN_FLIGHT: usize = 64;
 
 /// An FCM registration token. It identifies a device, so it is sealed with its job, deleted
 /// with it, and never printed.
@@ -92,7 +95,8 @@ impl Outcome {
 /// What one try said.
 enum Try {
     Done(Outcome),
-    /// Worth another try, after FCM's `Retry-After` if it gave one.
+    /// Worth another try (FCM certainly did not take the message), after FCM's `Retry-After`
+    /// if it gave one.
     Again(Option<Duration>),
 }
 
@@ -101,6 +105,7 @@ pub struct Fcm {
     http: reqwest::Client,
     account: CustomServiceAccount,
     send_url: String,
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl Fcm {
@@ -132,11 +137,13 @@ impl Fcm {
             http,
             account,
             send_url,
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         }))
     }
 
     /// Sends the push of a job that ended as `status` (`succeeded` or `failed`), retrying 429
-    /// and 5xx answers with backoff for up to a minute. Counts the outcome and returns it.
+    /// and 5xx answers with backoff for up to a minute, all of it (the access token included)
+    /// bounded by that minute. Counts the outcome and returns it.
     pub async fn send(
         &self,
         token: &PushToken,
@@ -144,41 +151,67 @@ impl Fcm {
         status: JobStatus,
         expires_at_ms: i64,
     ) -> Outcome {
-        let started = Instant::now();
-        let message = message(token, job, status, expires_at_ms);
-        let mut delay = FIRST_RETRY;
-        let outcome = loop {
-            let wait = match self.try_once(&message).await {
-                Try::Done(outcome) => break outcome,
-                Try::Again(retry_after) => {
-                    let jitter = delay.mul_f64(rand::rng().random_range(0.0..0.2));
-                    retry_after.unwrap_or(delay + jitter)
-                }
-            };
-            if started.elapsed() + wait > BUDGET {
-                break Outcome::GaveUp;
-            }
-            metrics::counter!("medrelay_push_retries_total").increment(1);
-            tokio::time::sleep(wait).await;
-            delay *= 2;
+        let outcome = match tokio::time::timeout(
+            BUDGET + REQUEST_TIMEOUT,
+            self.send_within_budget(token, job, status, expires_at_ms),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::GaveUp,
         };
         metrics::counter!("medrelay_push_total", "outcome" => outcome.label()).increment(1);
         match outcome {
             Outcome::Sent => tracing::info!(job_id = %job, "push sent"),
             Outcome::TokenDropped => {
-                tracing::info!(job_id = %job, "push token no longer valid: dropped")
+                tracing::warn!(job_id = %job, "FCM refused the push token: dropped")
             }
             Outcome::Rejected => tracing::error!(
                 job_id = %job,
-                "FCM refused the push request: check MEDRELAY_FCM_CREDENTIALS_FILE and the \
-                 Firebase project"
+                "FCM refused the push request: check MEDRELAY_FCM_CREDENTIALS_FILE, \
+                 MEDRELAY_FCM_BASE_URL and the Firebase project"
             ),
             Outcome::GaveUp => tracing::warn!(job_id = %job, "FCM unavailable: push given up"),
         }
         outcome
     }
 
-    async fn try_once(&self, message: &Value) -> Try {
+    async fn send_within_budget(
+        &self,
+        token: &PushToken,
+        job: &JobId,
+        status: JobStatus,
+        expires_at_ms: i64,
+    ) -> Outcome {
+        let Ok(_permit) = self.in_flight.acquire().await else {
+            return Outcome::GaveUp;
+        };
+        let started = Instant::now();
+        let message = Zeroizing::new(message(token, job, status, expires_at_ms).to_string());
+        let mut delay = FIRST_RETRY;
+        loop {
+            let left = BUDGET.saturating_sub(started.elapsed());
+            let tried = tokio::time::timeout(left, self.try_once(&message)).await;
+            let wait = match tried {
+                Ok(Try::Done(outcome)) => return outcome,
+                // A slow token endpoint or FCM: the minute is up.
+                Err(_) => return Outcome::GaveUp,
+                Ok(Try::Again(retry_after)) => {
+                    // Never sooner than our own backoff, whatever Retry-After says.
+                    let jitter = delay.mul_f64(rand::rng().random_range(0.0..0.2));
+                    retry_after.map_or(delay, |r| r.max(delay)) + jitter
+                }
+            };
+            if started.elapsed() + wait > BUDGET {
+                return Outcome::GaveUp;
+            }
+            metrics::counter!("medrelay_push_retries_total").increment(1);
+            tokio::time::sleep(wait).await;
+            delay *= 2;
+        }
+    }
+
+    async fn try_once(&self, message: &str) -> Try {
         let access = match self.account.token(&[SCOPE]).await {
             Ok(access) => access,
             Err(e) => {
@@ -190,15 +223,23 @@ impl Fcm {
             .http
             .post(&self.send_url)
             .bearer_auth(access.as_str())
-            .json(message)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(message.to_owned())
             .send()
             .await;
         let response = match answer {
             Ok(response) => response,
-            Err(e) => {
-                // reqwest's error names the URL, which holds no token.
-                tracing::warn!(error = %e, "FCM request failed");
+            // Not connected: FCM has not seen the message, another try cannot double it.
+            Err(e) if e.is_connect() => {
+                tracing::warn!(error = %e, "connecting to FCM failed");
                 return Try::Again(None);
+            }
+            Err(e) => {
+                // Sent, maybe taken, no answer (a timeout, a reset): another try could deliver
+                // the push twice, and a job pushes at most once. reqwest's error names the
+                // URL, which holds no token.
+                tracing::warn!(error = %e, "FCM did not answer: push given up");
+                return Try::Done(Outcome::GaveUp);
             }
         };
         let status = response.status();
@@ -215,11 +256,13 @@ impl Fcm {
         let code = fcm_error_code(&body);
         tracing::debug!(status = status.as_u16(), code, "FCM answered an error");
         Try::Done(match (code, status.as_u16()) {
-            (Some("UNREGISTERED" | "INVALID_ARGUMENT"), _) | (None, 400 | 404) => {
+            // The token is gone, malformed or of another sender: it was the client's to give.
+            (Some("UNREGISTERED" | "INVALID_ARGUMENT" | "SENDER_ID_MISMATCH"), _) => {
                 Outcome::TokenDropped
             }
             (Some("QUOTA_EXCEEDED" | "UNAVAILABLE" | "INTERNAL"), _)
             | (_, 429 | 500 | 502 | 503 | 504) => return Try::Again(retry_after),
+            // Credentials, the APNs key, a wrong project or URL: the operator's to fix.
             _ => Outcome::Rejected,
         })
     }

@@ -139,6 +139,7 @@ fn with_layers(router: Router<AppState>, state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .layer(SetSensitiveRequestHeadersLayer::new([
             axum::http::header::AUTHORIZATION,
+            axum::http::HeaderName::from_static("push-token"),
         ]))
         .with_state(state)
 }

@@ -195,7 +195,9 @@ impl Lifecycle {
                 user_prefix = %row.user_prefix,
                 "a job lost its lease twice: not handed to a third worker; purging its user"
             );
-            self.forget_job_quietly(&row.user_prefix, &row.id, End::Failed(Failure::Poisoned))
+            let end = End::Failed(Failure::Poisoned);
+            self.push_end(row, &end);
+            self.forget_job_quietly(&row.user_prefix, &row.id, end)
                 .await;
         }
         if !poisoned.is_empty() {

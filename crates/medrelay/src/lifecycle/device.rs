@@ -7,7 +7,8 @@
 //! the instance that ended it takes the token out of the row (one conditional `UPDATE`) and
 //! only a successful take sends. A crash between the two loses the push; the app's poll on
 //! resume is the fallback. An unmanaged failure sends nothing: everything of its user is
-//! purged at once, and a push would announce a job the app can no longer read.
+//! purged at once, and a push would announce a job the app can no longer read. Every end
+//! clears the token, pushed or not (also on an instance without FCM credentials).
 
 use super::Lifecycle;
 use super::end::{End, Failure};
@@ -21,26 +22,32 @@ impl Lifecycle {
         self.inner.push.is_some()
     }
 
-    /// After the commit that ended `row` as `end`: its push, in the background (a push never
-    /// delays or fails a job).
+    /// After the commit that ended `row` as `end`: the token leaves the row, and where the end
+    /// is one the device hears of, its push goes, in the background (a push never delays or
+    /// fails a job). An instance without FCM credentials clears the token all the same.
     pub(super) fn push_end(&self, row: &JobRow, end: &End) {
-        let status = match end {
-            End::Succeeded => JobStatus::Succeeded,
-            End::Failed(Failure::Refused(_) | Failure::RetriesExhausted | Failure::LeaseLost) => {
-                JobStatus::Failed
-            }
-            End::Failed(Failure::Unmanaged | Failure::Poisoned) | End::Deleted(_) => return,
-        };
-        let (Some(fcm), Some(sealed)) = (self.inner.push.clone(), row.push_token()) else {
+        let Some(sealed) = row.push_token() else {
             return;
         };
+        let status = match end {
+            End::Succeeded => Some(JobStatus::Succeeded),
+            End::Failed(Failure::Refused(_) | Failure::RetriesExhausted | Failure::LeaseLost) => {
+                Some(JobStatus::Failed)
+            }
+            End::Failed(Failure::Unmanaged | Failure::Poisoned) | End::Deleted(_) => None,
+        };
+        let fcm = self.inner.push.clone();
         let lifecycle = self.clone();
         let row = row.clone();
         tokio::spawn(async move {
             match lifecycle.db().take_push_token(&row.id).await {
                 Ok(true) => {}
-                // Deleted meanwhile, or another instance took it.
-                Ok(false) => return,
+                // Deleted meanwhile (which cleared it), or taken by another instance.
+                Ok(false) => {
+                    metrics::counter!("medrelay_push_total", "outcome" => "taken_elsewhere")
+                        .increment(1);
+                    return;
+                }
                 Err(e) => {
                     // Left in the row, it goes with the job; nothing is sent twice.
                     tracing::warn!(job_id = %row.id, error = %e, "taking a push token failed");
@@ -48,6 +55,10 @@ impl Lifecycle {
                     return;
                 }
             }
+            let (Some(fcm), Some(status)) = (fcm, status) else {
+                // Cleared, not sent: push is off here, or the end is not one to announce.
+                return;
+            };
             let opened = lifecycle.open_push_token(&row, &sealed);
             let token = match opened.as_ref().map(|plain| PushToken::parse(plain)) {
                 Ok(Ok(token)) => token,

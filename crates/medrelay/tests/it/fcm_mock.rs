@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::signature::{self, KeyPair};
@@ -24,6 +25,7 @@ pub const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 /// A request to `messages:send`, as received.
 #[derive(Clone, Debug)]
 pub struct Sent {
+    pub at: Instant,
     pub path: String,
     pub authorization: Option<String>,
     pub content_type: Option<String>,
@@ -261,6 +263,7 @@ async fn send(
             .map(str::to_owned)
     };
     shared.sent.lock().push(Sent {
+        at: Instant::now(),
         path: uri.path().to_owned(),
         authorization: header("authorization"),
         content_type: header("content-type"),

@@ -250,7 +250,9 @@ async fn fcm_unavailable_is_retried_and_an_unregistered_token_is_dropped() {
     for s in &sent {
         assert_push(s, &id, "succeeded");
     }
-    // The first retry waited for FCM's Retry-After.
+    // The first retry waited for FCM's Retry-After (1 s), the second for the backoff.
+    assert!(sent[1].at - sent[0].at >= Duration::from_secs(1));
+    assert!(sent[2].at - sent[1].at >= Duration::from_millis(500));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(fcm.sent().len(), 3, "no push after it was accepted");
 
@@ -263,9 +265,27 @@ async fn fcm_unavailable_is_retried_and_an_unregistered_token_is_dropped() {
     assert_eq!(fcm.sent().len(), 4, "an unregistered token is not retried");
     assert!(app.row(&gone).await.unwrap().push_token.is_none());
 
+    // A token FCM calls malformed is dropped too; an error FCM does not pin on the token (a
+    // bare 404: a wrong project or URL) is the operator's to fix, and not retried either.
+    fcm.script([
+        Answer::error(400, "INVALID_ARGUMENT", "INVALID_ARGUMENT"),
+        Answer {
+            status: 404,
+            retry_after: None,
+            body: json!({"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}}),
+        },
+    ]);
+    for n in [5, 6] {
+        let job = upload_with_push(&app, &token, text_pdf(&["refused"]), DEVICE).await;
+        wait_sent(&fcm, n).await;
+        app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fcm.sent().len(), 6, "neither is retried");
+
     // Every outcome is counted.
     let metrics = app.state().metrics.render();
-    for outcome in ["sent", "token_dropped"] {
+    for outcome in ["sent", "token_dropped", "rejected"] {
         assert!(
             metrics
                 .lines()

@@ -729,17 +729,25 @@ async fn next(notes: &mut medrelay::db::JobNotifications) -> Vec<JobId> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_announces_every_change_but_inserts_claims_and_successes() {
     let (db, name) = postgres().await;
+    // A job whose upload carried a push token (set before anyone listens).
+    let done = new_id("done");
+    insert(&db, &done).await;
+    set(
+        &db,
+        &done,
+        "push_token = 'sealed', push_kek = 'k', push_dek = 'wrapped'",
+    )
+    .await;
     let mut notes = db.listen().await.unwrap().expect("PostgreSQL listens");
     let key = WrappedKey {
         kid: "k".into(),
         bytes: vec![0; 60],
     };
-    // Inserted, claimed and succeeded: nothing from the database.
-    let done = new_id("done");
-    insert(&db, &done).await;
+    // Claimed, succeeded and its push token taken: nothing from the database.
     let claimed = db.claim(&lease("w"), LEASE, 1).await.unwrap();
     assert_eq!(claimed.len(), 1);
     assert!(db.complete(&done, &lease("w"), b"r", &key).await.unwrap());
+    assert!(db.take_push_token(&done).await.unwrap());
     // Inserted, claimed, then retried and deleted: each of those two is announced.
     let retried = new_id("retried");
     insert(&db, &retried).await;
