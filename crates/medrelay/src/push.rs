@@ -151,15 +151,14 @@ impl Fcm {
         status: JobStatus,
         expires_at_ms: i64,
     ) -> Outcome {
-        let outcome = match tokio::time::timeout(
-            BUDGET + REQUEST_TIMEOUT,
-            self.send_within_budget(token, job, status, expires_at_ms),
-        )
-        .await
-        {
-            Ok(outcome) => outcome,
-            Err(_) => Outcome::GaveUp,
-        };
+        let message = Zeroizing::new(message(token, job, status, expires_at_ms).to_string());
+        let outcome =
+            match tokio::time::timeout(BUDGET + REQUEST_TIMEOUT, self.send_within_budget(&message))
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(_) => Outcome::GaveUp,
+            };
         metrics::counter!("medrelay_push_total", "outcome" => outcome.label()).increment(1);
         match outcome {
             Outcome::Sent => tracing::info!(job_id = %job, "push sent"),
@@ -176,22 +175,16 @@ impl Fcm {
         outcome
     }
 
-    async fn send_within_budget(
-        &self,
-        token: &PushToken,
-        job: &JobId,
-        status: JobStatus,
-        expires_at_ms: i64,
-    ) -> Outcome {
+    /// Tries `message` (the request's JSON) until it is taken, refused, or the minute is up.
+    async fn send_within_budget(&self, message: &str) -> Outcome {
         let Ok(_permit) = self.in_flight.acquire().await else {
             return Outcome::GaveUp;
         };
         let started = Instant::now();
-        let message = Zeroizing::new(message(token, job, status, expires_at_ms).to_string());
         let mut delay = FIRST_RETRY;
         loop {
             let left = BUDGET.saturating_sub(started.elapsed());
-            let tried = tokio::time::timeout(left, self.try_once(&message)).await;
+            let tried = tokio::time::timeout(left, self.try_once(message)).await;
             let wait = match tried {
                 Ok(Try::Done(outcome)) => return outcome,
                 // A slow token endpoint or FCM: the minute is up.
