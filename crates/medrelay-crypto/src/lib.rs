@@ -35,6 +35,7 @@ use aead_stream::{DecryptorBE32, EncryptorBE32};
 use anyhow::Context;
 use aws_lc_rs::aead::{AES_256_GCM, Aad, Nonce, RandomizedNonceKey};
 use aws_lc_rs::digest;
+use aws_lc_rs::hkdf;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
@@ -112,6 +113,23 @@ pub struct DataKey {
 impl fmt::Debug for DataKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("DataKey([redacted])")
+    }
+}
+
+impl DataKey {
+    /// A key of its own for one part of what this key protects (HKDF-SHA256 with `context` as
+    /// the info): the parts of one upload each get a distinct key, so no two of them can ever
+    /// share a nonce under one key, however many there are.
+    pub fn derive(&self, context: &[u8]) -> anyhow::Result<DataKey> {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"medrelay/v1 derive").extract(&*self.key);
+        let mut key = Zeroizing::new([0u8; 32]);
+        prk.expand(&[context], hkdf::HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut *key))
+            .map_err(|_| anyhow::anyhow!("deriving a key failed"))?;
+        Ok(DataKey {
+            key,
+            kid: self.kid.clone(),
+        })
     }
 }
 
@@ -536,6 +554,21 @@ pub fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_keys_differ_by_context_and_open_only_their_own() {
+        let ring = keyring(3);
+        let (key, _) = ring.new_data_key(&BIND).unwrap();
+        let a = key.derive(b"part 0").unwrap();
+        let b = key.derive(b"part 1").unwrap();
+        assert_eq!(*a.key, *key.derive(b"part 0").unwrap().key, "deterministic");
+        assert_ne!(*a.key, *b.key);
+        assert_ne!(*a.key, *key.key);
+        let sealed = seal(&a, &BIND, b"chunk").unwrap();
+        assert_eq!(&open(&a, &BIND, &sealed).unwrap()[..], b"chunk");
+        assert!(open(&b, &BIND, &sealed).is_err());
+        assert!(open(&key, &BIND, &sealed).is_err());
+    }
 
     fn keyring(n: u8) -> Keyring {
         Keyring::parse(&STANDARD.encode([n; 32])).unwrap()

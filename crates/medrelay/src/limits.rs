@@ -188,6 +188,21 @@ impl Limits {
         })
     }
 
+    /// Admits the creation of a resumable upload: the checks of an upload's start, and the
+    /// user's unfinished resumable uploads, each a job to be, count against their active jobs
+    /// (so that a client cannot open uploads without bound). Holds nothing afterwards: each
+    /// request of the upload is admitted as an upload of its own.
+    pub async fn admit_resumable_upload(&self, prefix: &UserPrefix) -> Result<(), Error> {
+        let admission = self.admit_upload(prefix).await?;
+        admission.release().await;
+        let open = self.db.count_open_uploads(prefix, now_millis()).await?;
+        if open >= self.rules.user_active_jobs {
+            let refusal = refused(Limit::UserActiveJobs, ACTIVE_JOB_RETRY);
+            return Err(refusal);
+        }
+        Ok(())
+    }
+
     /// Admits one event stream of the user. The caller renews it with [`Permit::renew`].
     pub async fn admit_stream(&self, prefix: &UserPrefix) -> Result<Permit, Error> {
         let instance = self

@@ -1,5 +1,5 @@
 //! The sweeper role: every `MEDRELAY_SWEEP_INTERVAL`, has `lifecycle` end every job whose
-//! lifetime is over, delete every object older than the TTL, drop day-old tombstones and lapsed
+//! lifetime is over and every resumable upload past its TTL, delete every object older than the TTL, drop day-old tombstones and lapsed
 //! fair-use rows, and finish purges whose purger died.
 //!
 //! Owns the schedule of the one-hour guarantee, not its rules (those are `lifecycle`'s).
@@ -41,6 +41,14 @@ pub async fn sweep(state: &AppState) -> anyhow::Result<u64> {
             0
         }
     };
+    step(
+        "ending expired resumable uploads",
+        lifecycle
+            .expire_uploads(now)
+            .await
+            .map(drop)
+            .map_err(Into::into),
+    );
     step(
         "dropping old tombstones",
         lifecycle

@@ -1,6 +1,6 @@
 //! Job state in SQL: SQLite by default, PostgreSQL when several instances share the load.
 //!
-//! SQL and nothing else: this module owns the `jobs` and `purges` tables and every statement
+//! SQL and nothing else: this module owns the `jobs`, `uploads` and `purges` tables and every statement
 //! on them, and never deletes an object, sees a document byte or decides a rule. The rules
 //! (what ends a job, what a tombstone keeps) live in `lifecycle`, which calls these
 //! statements. Both backends run the same SQL text (sqlx maps `$1` placeholders on SQLite
@@ -8,6 +8,7 @@
 //!
 //! - `mod.rs`: connection, backend choice, error sorting;
 //! - `limits`: fair use (slots of uploads and streams, provider calls, per-user counts);
+//! - `uploads`: resumable (tus) uploads before they become jobs;
 //! - `queue`: the queue's transitions; `reads`: the API's reads; `purges`: tombstones,
 //!   shredding and the purge queue; `notify`: PostgreSQL's job notifications.
 
@@ -36,11 +37,13 @@ mod purges;
 mod queue;
 mod reads;
 mod rows;
+mod uploads;
 
 pub use limits::{InsertCaps, SlotKind, Usage};
 pub use notify::JobNotifications;
 pub use purges::PURGE_LEASE_MS;
 pub use rows::{Inserted, JobRow, NewJob, PurgeRow, Sealed};
+pub use uploads::{Append, NewUpload, UploadRow};
 
 /// The job database. Cheap to clone.
 #[derive(Clone, Debug)]

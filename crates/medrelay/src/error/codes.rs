@@ -34,6 +34,14 @@ pub enum Code {
     ProcessingFailed,
     TooManyRequests,
     DailyLimitReached,
+    UploadNotFound,
+    UploadExpired,
+    UploadOffsetMismatch,
+    UploadBusy,
+    UploadLengthExceeded,
+    UploadContentType,
+    ChecksumMismatch,
+    TusVersionUnsupported,
 }
 
 /// How a code answers an HTTP request.
@@ -90,7 +98,7 @@ const fn job(message: &'static str, meaning: &'static str) -> Option<JobEnd> {
 }
 
 impl Code {
-    pub const ALL: [Code; 23] = [
+    pub const ALL: [Code; 31] = [
         Code::EmptyDocument,
         Code::MissingFile,
         Code::BadRequest,
@@ -114,6 +122,14 @@ impl Code {
         Code::ProcessingFailed,
         Code::TooManyRequests,
         Code::DailyLimitReached,
+        Code::UploadNotFound,
+        Code::UploadExpired,
+        Code::UploadOffsetMismatch,
+        Code::UploadBusy,
+        Code::UploadLengthExceeded,
+        Code::UploadContentType,
+        Code::ChecksumMismatch,
+        Code::TusVersionUnsupported,
     ];
 
     pub const fn spec(self) -> Spec {
@@ -159,6 +175,94 @@ impl Code {
                     "Method not allowed",
                     "This action is not possible here.",
                     "the route exists, the method does not",
+                ),
+                job: None,
+            },
+            Code::UploadNotFound => Spec {
+                code: "upload-not-found",
+                retryable: false,
+                http: http(
+                    404,
+                    "Upload not found",
+                    "We could not find this upload. It may have expired or been cancelled. Please send the document again.",
+                    "no such resumable upload of this user (never created, terminated, swept after its TTL, refused, or another user's)",
+                ),
+                job: None,
+            },
+            Code::UploadExpired => Spec {
+                code: "upload-expired",
+                retryable: false,
+                http: http(
+                    410,
+                    "Upload expired",
+                    "This upload was not finished within an hour and was deleted. Please send the document again.",
+                    "the resumable upload passed `Upload-Expires`; its bytes are gone or about to be",
+                ),
+                job: None,
+            },
+            Code::UploadOffsetMismatch => Spec {
+                code: "upload-offset-mismatch",
+                retryable: true,
+                http: http(
+                    409,
+                    "Upload out of step",
+                    "Part of this upload had already arrived. The app will continue from where the upload stands.",
+                    "`Upload-Offset` is not the upload's offset (ask with `HEAD`); nothing of the request was kept",
+                ),
+                job: None,
+            },
+            Code::UploadBusy => Spec {
+                code: "upload-busy",
+                retryable: true,
+                http: http(
+                    423,
+                    "Upload being finished",
+                    "This upload is being finished right now. Please check again in a moment.",
+                    "another request is turning the upload into its job",
+                ),
+                job: None,
+            },
+            Code::UploadLengthExceeded => Spec {
+                code: "upload-length-exceeded",
+                retryable: false,
+                http: http(
+                    413,
+                    "More than announced",
+                    "The app sent more data than it announced for this upload. Please send the document again.",
+                    "a `PATCH` would carry the upload past its `Upload-Length`; nothing of the request was kept",
+                ),
+                job: None,
+            },
+            Code::UploadContentType => Spec {
+                code: "upload-content-type",
+                retryable: false,
+                http: http(
+                    415,
+                    "Wrong upload format",
+                    "The app sent this part of the upload in a form we cannot read. Please update the app.",
+                    "a `PATCH` (or a `POST` with data) whose `Content-Type` is not `application/offset+octet-stream`",
+                ),
+                job: None,
+            },
+            Code::ChecksumMismatch => Spec {
+                code: "checksum-mismatch",
+                retryable: true,
+                http: http(
+                    460,
+                    "Damaged in transit",
+                    "Part of the upload arrived damaged and was discarded. The app will send it again.",
+                    "the request's bytes do not match its `Upload-Checksum`; nothing of it was kept",
+                ),
+                job: None,
+            },
+            Code::TusVersionUnsupported => Spec {
+                code: "tus-version-unsupported",
+                retryable: false,
+                http: http(
+                    412,
+                    "Protocol version not supported",
+                    "This version of the app cannot upload here. Please update the app.",
+                    "`Tus-Resumable` is missing or not `1.0.0` (the answer's `Tus-Version` lists what is supported)",
                 ),
                 job: None,
             },

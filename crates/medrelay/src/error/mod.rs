@@ -60,6 +60,23 @@ pub enum ApiError {
         detail: &'static str,
         retry_after_secs: u64,
     },
+    #[error("no such upload")]
+    UploadNotFound,
+    #[error("upload expired")]
+    UploadExpired,
+    /// Carries the upload's offset.
+    #[error("upload offset mismatch")]
+    UploadOffsetMismatch { current: i64 },
+    #[error("upload busy")]
+    UploadBusy,
+    #[error("upload length exceeded")]
+    UploadLengthExceeded,
+    #[error("wrong upload content type")]
+    UploadContentType,
+    #[error("checksum mismatch")]
+    ChecksumMismatch,
+    #[error("tus version unsupported")]
+    TusVersionUnsupported,
     #[error("service unavailable: {0:#}")]
     Unavailable(anyhow::Error),
     #[error("internal error: {0:#}")]
@@ -92,6 +109,14 @@ impl ApiError {
             }
             ApiError::UploadTimeout => Code::UploadTimeout,
             ApiError::TooManyRequests { .. } => Code::TooManyRequests,
+            ApiError::UploadNotFound => Code::UploadNotFound,
+            ApiError::UploadExpired => Code::UploadExpired,
+            ApiError::UploadOffsetMismatch { .. } => Code::UploadOffsetMismatch,
+            ApiError::UploadBusy => Code::UploadBusy,
+            ApiError::UploadLengthExceeded => Code::UploadLengthExceeded,
+            ApiError::UploadContentType => Code::UploadContentType,
+            ApiError::ChecksumMismatch => Code::ChecksumMismatch,
+            ApiError::TusVersionUnsupported => Code::TusVersionUnsupported,
             ApiError::Unavailable(_) => Code::ServiceUnavailable,
             ApiError::Internal(_) => Code::InternalError,
         }
@@ -153,6 +178,19 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        match &self {
+            ApiError::TusVersionUnsupported => {
+                response
+                    .headers_mut()
+                    .insert("tus-version", HeaderValue::from_static("1.0.0"));
+            }
+            ApiError::UploadBusy => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(1));
+            }
+            _ => {}
         }
         if matches!(self, ApiError::UploadTimeout) {
             // The client is too slow to be worth reading on: the connection is closed.

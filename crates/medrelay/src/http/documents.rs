@@ -459,7 +459,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_owned()))
 }
 
-fn push_token(headers: &HeaderMap) -> Result<Option<PushToken>, ApiError> {
+pub(super) fn push_token(headers: &HeaderMap) -> Result<Option<PushToken>, ApiError> {
     let Some(value) = headers.get("push-token") else {
         return Ok(None);
     };

@@ -6,6 +6,7 @@
 mod documents;
 mod jobs;
 mod ops;
+mod uploads;
 
 use axum::Router;
 use axum::extract::Request;
@@ -31,7 +32,7 @@ use crate::state::AppState;
         description = "Upload a medical document, get structured data back asynchronously; nothing is kept.",
     ),
     modifiers(&BearerAuth),
-    tags((name = "documents"), (name = "jobs"), (name = "operations")),
+    tags((name = "documents"), (name = "uploads", description = "Resumable uploads, tus 1.0.0"), (name = "jobs"), (name = "operations")),
 )]
 struct ApiDoc;
 
@@ -61,6 +62,12 @@ fn api_router() -> OpenApiRouter<AppState> {
 fn app_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(documents::create_document))
+        .routes(routes!(uploads::discover, uploads::create_upload))
+        .routes(routes!(
+            uploads::upload_offset,
+            uploads::append,
+            uploads::terminate
+        ))
         .routes(routes!(jobs::list_jobs))
         .routes(routes!(jobs::get_job, jobs::delete_job))
         .routes(routes!(jobs::job_events))
@@ -106,7 +113,11 @@ pub fn router(state: AppState) -> Router {
         "/openapi.json",
         axum::routing::get(move || async move { axum::Json(spec) }),
     );
-    with_layers(router, state)
+    let router = with_layers(router, state);
+    // Layers of a router run after its routing; the method must be replaced before.
+    Router::new()
+        .fallback_service(router)
+        .layer(middleware::from_fn(tus_method_override))
 }
 
 /// The admin address (`MEDRELAY_ADMIN_LISTEN`): the operations routes only.
@@ -123,6 +134,7 @@ fn with_layers(router: Router<AppState>, state: AppState) -> Router {
         // Upload limits are enforced while streaming, with the configured maximum.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(middleware::from_fn(problem_for_bare_errors))
+        .layer(middleware::from_fn(tus_protocol))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal(anyhow::anyhow!("a request handler panicked")).into_response()
         }))
@@ -142,6 +154,39 @@ fn with_layers(router: Router<AppState>, state: AppState) -> Router {
             axum::http::HeaderName::from_static("push-token"),
         ]))
         .with_state(state)
+}
+
+fn is_tus(req: &Request) -> bool {
+    let path = req.uri().path();
+    path == "/v1/uploads" || path.starts_with("/v1/uploads/")
+}
+
+/// tus requests (`/v1/uploads`): `X-HTTP-Method-Override` replaces the method, for clients
+/// behind proxies that pass only GET and POST. Runs before routing.
+async fn tus_method_override(mut req: Request, next: Next) -> Response {
+    if is_tus(&req) {
+        let replaced = req
+            .headers()
+            .get("x-http-method-override")
+            .and_then(|v| axum::http::Method::from_bytes(v.as_bytes().trim_ascii()).ok());
+        if let Some(method) = replaced {
+            *req.method_mut() = method;
+        }
+    }
+    next.run(req).await
+}
+
+/// tus requests (`/v1/uploads`): every answer says `Tus-Resumable`.
+async fn tus_protocol(req: Request, next: Next) -> Response {
+    if !is_tus(&req) {
+        return next.run(req).await;
+    }
+    let mut response = next.run(req).await;
+    response.headers_mut().insert(
+        HeaderName::from_static("tus-resumable"),
+        axum::http::HeaderValue::from_static("1.0.0"),
+    );
+    response
 }
 
 /// Turns errors that axum produces itself (a wrong method, a rejected extractor) into

@@ -42,7 +42,18 @@ impl Lifecycle {
         media_type: MediaType,
         started: i64,
     ) -> Result<Incoming, Error> {
-        let id = JobId::new();
+        self.accept_as(user, media_type, started, JobId::new())
+    }
+
+    /// [`Lifecycle::accept`] for a job whose id was given before its first byte (a resumable
+    /// upload's: the upload's id is its job's).
+    pub(super) fn accept_as(
+        &self,
+        user: &UserId,
+        media_type: MediaType,
+        started: i64,
+        id: JobId,
+    ) -> Result<Incoming, Error> {
         let prefix = self.user_prefix(user);
         // Encrypted before a byte leaves the process.
         let (key, wrapped) = self
@@ -90,6 +101,13 @@ impl Incoming {
             self.push = Some(sealed);
         }
         Ok(())
+    }
+
+    /// Keeps a push token already sealed for this job (a resumable upload's).
+    pub(super) fn keep_sealed_push_token(&mut self, sealed: Sealed) {
+        if self.lifecycle.pushes() {
+            self.push = Some(sealed);
+        }
     }
 
     /// Bytes received so far.

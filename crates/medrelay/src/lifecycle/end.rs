@@ -165,6 +165,7 @@ impl Lifecycle {
         reason: DeletionReason,
     ) -> Result<(u64, u64), Error> {
         let jobs = self.db().tombstone_user(user, reason).await?;
+        self.forget_uploads_of(&self.user_prefix(user)).await?;
         let objects = self.forget_user(&self.user_prefix(user), &jobs).await?;
         let count = jobs.len() as u64;
         metrics::counter!("medrelay_deletions_total", "reason" => reason.metric_label())
@@ -185,6 +186,7 @@ impl Lifecycle {
         while let Some(purge) = self.db().claim_purge().await? {
             let prefix = &purge.user_prefix;
             let jobs = self.db().shred_user(prefix, &unmanaged_failure()).await?;
+            self.forget_uploads_of(prefix).await?;
             let objects = self.forget_user(prefix, &jobs).await?;
             self.db()
                 .complete_purge(purge.id, jobs.len() as i64, objects as i64)

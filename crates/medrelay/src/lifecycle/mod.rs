@@ -3,6 +3,8 @@
 //!
 //! - [`accept`]: a document is sealed as it streams into the store, and the job is committed
 //!   only after its object (no 202 without both, no object without a row);
+//! - [`upload`]: resumable (tus) uploads: sealed parts, the offset in the database, the job
+//!   committed by the request that brings the last byte;
 //! - [`attempt`]: claim, heartbeat, open the document, finish (succeed, retry, fail),
 //!   hand back; the rescue of attempts that lost their lease;
 //! - [`end`]: the one sequence that ends a job or all jobs of a user (delete by the user,
@@ -27,6 +29,7 @@ mod end;
 mod events;
 mod expiry;
 mod running;
+mod upload;
 mod vault;
 mod view;
 
@@ -41,6 +44,7 @@ pub use attempt::{Claimed, retry_delay};
 pub use end::DeleteOutcome;
 pub use events::{ANNOUNCE_GAP, announce_changes, relay_notifications};
 pub use running::RunningJobs;
+pub use upload::{Appending, Checksum, MAX_PARTS, PART_MAX, UploadError, UploadState};
 pub use view::Lookup;
 
 use crate::config::Settings;

@@ -8,7 +8,7 @@ use zeroize::Zeroizing;
 
 use super::{Claimed, Lifecycle};
 use crate::crypto::{self, Binding, DataKey, IntegrityError, WrappedKey};
-use crate::db::{JobRow, Sealed};
+use crate::db::{JobRow, Sealed, UploadRow};
 use crate::ids::{JobId, UserPrefix};
 use crate::model::DocumentResult;
 use crate::processor::{Document, MediaType, ProcessError, Refusal};
@@ -19,6 +19,9 @@ use crate::store::{ObjectKind, Store};
 const RESULT_KIND: &str = "result";
 /// What `Binding::kind` says for a device's push token (kept in the job row).
 const PUSH_TOKEN_KIND: &str = "push-token";
+/// What `Binding::kind` says for the parts of a resumable upload (each part is sealed under a
+/// key derived from the upload's data key and the part's name, which says where it starts).
+const UPLOAD_PART_KIND: &str = "upload-part";
 
 fn binding<'a>(prefix: &'a UserPrefix, job: &'a JobId, kind: &'a str) -> Binding<'a> {
     Binding {
@@ -172,5 +175,61 @@ impl Lifecycle {
             .unwrap_key(&sealed.key, &binding)
             .map_err(Err)?;
         crypto::open(&key, &binding, &sealed.sealed).map_err(Err)
+    }
+
+    /// A fresh data key for a new resumable upload's parts, and its wrapped form.
+    pub(super) fn new_upload_key(
+        &self,
+        prefix: &UserPrefix,
+        id: &JobId,
+    ) -> anyhow::Result<(DataKey, WrappedKey)> {
+        self.inner
+            .keyring
+            .new_data_key(&binding(prefix, id, UPLOAD_PART_KIND))
+    }
+
+    /// The data key of an upload's parts. `Err(Ok(kid))`: its master key is not configured
+    /// here; `Err(Err(_))`: it does not authenticate.
+    pub(super) fn upload_key(
+        &self,
+        row: &UploadRow,
+    ) -> Result<DataKey, Result<String, IntegrityError>> {
+        let wrapped = row.part_key();
+        if !self.inner.keyring.knows(&wrapped.kid) {
+            return Err(Ok(wrapped.kid));
+        }
+        self.inner
+            .keyring
+            .unwrap_key(
+                &wrapped,
+                &binding(&row.user_prefix, &row.id, UPLOAD_PART_KIND),
+            )
+            .map_err(Err)
+    }
+
+    /// The stream cipher of one part of an upload, under a key of that part's own.
+    pub(super) fn part_sealer(
+        &self,
+        key: &DataKey,
+        prefix: &UserPrefix,
+        id: &JobId,
+        name: &str,
+    ) -> anyhow::Result<crypto::SealingStream> {
+        let part_key = key.derive(name.as_bytes())?;
+        crypto::SealingStream::new(&part_key, &binding(prefix, id, UPLOAD_PART_KIND))
+    }
+
+    /// Opens one part of an upload (fails closed: a part moved to another place or upload,
+    /// truncated or altered does not open).
+    pub(super) fn open_part(
+        &self,
+        key: &DataKey,
+        row: &UploadRow,
+        name: &str,
+        sealed: &[u8],
+    ) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+        let part_key = key.derive(name.as_bytes())?;
+        let binding = binding(&row.user_prefix, &row.id, UPLOAD_PART_KIND);
+        Ok(crypto::open(&part_key, &binding, sealed)?)
     }
 }

@@ -102,6 +102,12 @@ impl Store {
         Self::object_key(user, job, ObjectKind::Document)
     }
 
+    /// One sealed part of a resumable upload that becomes this job: `{user prefix}/{job
+    /// id}/part-{name}` (the name says where the part starts and is otherwise random).
+    pub fn part_key(user: &UserPrefix, job: &JobId, name: &str) -> Path {
+        Self::job_prefix(user, job).join(format!("part-{name}"))
+    }
+
     /// A streaming writer. The chunk size bounds memory per upload: S3 needs parts of 5 MiB at
     /// least; a local folder takes any size, so it buffers far less.
     pub fn writer(&self, path: &Path) -> ObjectWriter {

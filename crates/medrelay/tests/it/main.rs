@@ -34,4 +34,5 @@ mod push;
 mod queue;
 mod sweeping;
 mod tolerant;
+mod tus;
 mod upload;
