@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Sourced by scripts/test and scripts/chaos: makes sure PostgreSQL runs (trust auth, user
 # postgres, at 127.0.0.1:5432), installs moto into a virtualenv under target/ when missing, and
-# starts moto's S3 on a free loopback port for as long as the calling script runs. Exports
-# MEDRELAY_TEST_DATABASE_URL, AWS_ENDPOINT_URL and the AWS_* test credentials.
+# starts moto's S3 on a free loopback port for as long as the calling script runs, and installs
+# the real tus clients (tuspy into the same virtualenv, tus-js-client under target/tus-js). Exports
+# MEDRELAY_TEST_DATABASE_URL, AWS_ENDPOINT_URL, the AWS_* test credentials, MEDRELAY_TEST_PYTHON
+# and MEDRELAY_TUS_JS.
 # Expects: the repository root as the working directory, `root` set to it, and `say`.
 
 # --- PostgreSQL -------------------------------------------------------------------------------
@@ -32,6 +34,27 @@ if [ ! -x "$venv/bin/moto_server" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]>=5.1,<6"
 fi
+
+# --- real tus clients (tuspy in the same venv, tus-js-client under target/tus-js) --------------
+# Driven by crates/medrelay/tests/tus/client.{py,mjs}; the tests find them through the two exports.
+if ! "$venv/bin/python" -c 'import tusclient' >/dev/null 2>&1; then
+  say "Installing tuspy into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "tuspy>=1.0,<2"
+fi
+if ! command -v node >/dev/null 2>&1; then
+  echo "node is missing (needed to run tus-js-client in the tests): install Node.js 20 and npm" >&2
+  exit 1
+fi
+if [ ! -d "$root/target/tus-js/node_modules/tus-js-client" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "npm is missing (needed to install tus-js-client for the tests): install Node.js 20 and npm" >&2
+    exit 1
+  fi
+  say "Installing tus-js-client into $root/target/tus-js"
+  npm install --prefix "$root/target/tus-js" --no-audit --no-fund --silent tus-js-client@4
+fi
+export MEDRELAY_TEST_PYTHON="$venv/bin/python"
+export MEDRELAY_TUS_JS="$root/target/tus-js/node_modules"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
 moto_log="$root/target/moto.log"
 "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$moto_log" 2>&1 &

@@ -35,4 +35,5 @@ mod queue;
 mod sweeping;
 mod tolerant;
 mod tus;
+mod tus_clients;
 mod upload;

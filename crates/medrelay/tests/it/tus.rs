@@ -41,7 +41,16 @@ impl Received {
     }
 
     pub fn contains(&self, bytes: &[u8]) -> bool {
-        self.0.lock().iter().any(|d| d == bytes)
+        self.count(bytes) > 0
+    }
+
+    /// How many times this document was processed.
+    pub fn count(&self, bytes: &[u8]) -> usize {
+        self.0
+            .lock()
+            .iter()
+            .filter(|d| d.as_slice() == bytes)
+            .count()
     }
 }
 
