@@ -20,6 +20,7 @@ use crate::scripted::{Scripted, Step};
 on_every_backend!(
     a_finished_job_pushes_its_id_and_status_and_nothing_else,
     a_job_deleted_before_its_end_pushes_nothing_and_keeps_no_token,
+    a_resumable_upload_carries_its_push_token_to_its_job,
 );
 
 /// What the phone would send: an FCM registration token.
@@ -348,4 +349,66 @@ async fn a_push_token_is_taken_once() {
             .is_none()
     );
     app.stop().await;
+}
+
+/// A tus request to `path` with the protocol header and `token`.
+fn tus(app: &TestApp, method: reqwest::Method, path: &str, token: &str) -> reqwest::RequestBuilder {
+    app.http
+        .request(method, app.url(path))
+        .bearer_auth(token)
+        .header("tus-resumable", "1.0.0")
+}
+
+async fn a_resumable_upload_carries_its_push_token_to_its_job(backend: Backend) {
+    let fcm = FcmMock::start().await;
+    let app = app_with_fcm(backend, &fcm).await;
+    let token = app.token("pushed");
+    let pdf = text_pdf(&[MARKER]);
+    let created = tus(&app, reqwest::Method::POST, "/v1/uploads", &token)
+        .header("upload-length", pdf.len().to_string())
+        .header("push-token", DEVICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let path = created.headers()["location"].to_str().unwrap().to_owned();
+    let id = path.rsplit('/').next().unwrap().to_owned();
+    // Sealed in the upload's row: never in the clear.
+    let (sealed,): (Option<Vec<u8>>,) = match app.db() {
+        medrelay::db::Db::Sqlite(p) => {
+            sqlx::query_as("SELECT push_token FROM uploads WHERE id = $1")
+                .bind(&id)
+                .fetch_one(p)
+                .await
+                .unwrap()
+        }
+        medrelay::db::Db::Postgres(p) => {
+            sqlx::query_as("SELECT push_token FROM uploads WHERE id = $1")
+                .bind(&id)
+                .fetch_one(p)
+                .await
+                .unwrap()
+        }
+    };
+    let sealed = sealed.expect("kept, sealed");
+    assert!(!sealed.windows(DEVICE.len()).any(|w| w == DEVICE.as_bytes()));
+    let half = pdf.len() / 2;
+    for (from, to) in [(0, half), (half, pdf.len())] {
+        let r = tus(&app, reqwest::Method::PATCH, &path, &token)
+            .header("upload-offset", from.to_string())
+            .header("content-type", "application/offset+octet-stream")
+            .body(pdf[from..to].to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    }
+    let done = app.wait_terminal(&token, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let sent = wait_sent(&fcm, 1).await;
+    assert_eq!(sent.len(), 1);
+    assert_push(&sent[0], &id, "succeeded");
+    // Nothing of the device is left.
+    let row = app.row(&id).await.unwrap();
+    assert!(row.push_token.is_none() && row.push_kek.is_none() && row.push_dek.is_none());
 }
