@@ -270,7 +270,7 @@ async fn receive(
 /// answer is sent, and paced: an upload past its deadline or below the minimum rate ends in an
 /// error (and [`SharedBody::too_slow`]).
 #[derive(Clone)]
-struct SharedBody(Arc<Mutex<Paced>>);
+pub(super) struct SharedBody(Arc<Mutex<Paced>>);
 
 struct Paced {
     stream: BodyDataStream,
@@ -286,7 +286,7 @@ const DRAIN_MAX_TIME: Duration = Duration::from_secs(30);
 const MAX_DRAINS: usize = 64;
 
 impl SharedBody {
-    fn new(stream: BodyDataStream, pace: Pace) -> Self {
+    pub(super) fn new(stream: BodyDataStream, pace: Pace) -> Self {
         Self(Arc::new(Mutex::new(Paced {
             stream,
             pace,
@@ -295,7 +295,7 @@ impl SharedBody {
     }
 
     /// Whether the upload was cut off by its deadline or the minimum rate.
-    fn too_slow(&self) -> bool {
+    pub(super) fn too_slow(&self) -> bool {
         self.0.lock().pace.cut_off
     }
 
@@ -377,7 +377,7 @@ const RATE_WINDOW: Duration = Duration::from_secs(30);
 
 /// The rules an upload's pace must keep: done within `deadline` of its start, and at least
 /// `min_rate` bytes per second over each window of [`RATE_WINDOW`].
-struct Pace {
+pub(super) struct Pace {
     deadline: Instant,
     min_rate: u64,
     window_start: Instant,
@@ -388,7 +388,7 @@ struct Pace {
 }
 
 impl Pace {
-    fn new(deadline: Duration, min_rate: u64) -> Pace {
+    pub(super) fn new(deadline: Duration, min_rate: u64) -> Pace {
         let now = Instant::now();
         let deadline = now + deadline;
         Pace {

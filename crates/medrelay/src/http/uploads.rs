@@ -14,8 +14,9 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use futures::StreamExt;
 
-use super::documents::push_token;
+use super::documents::{Pace, SharedBody, push_token};
 use crate::auth::User;
+use crate::clock::now_millis;
 use crate::error::{ApiError, Problem};
 use crate::ids::JobId;
 use crate::lifecycle::{Appending, Checksum, UploadError, UploadState};
@@ -359,7 +360,17 @@ async fn receive(
             return Err(e.into());
         }
     };
-    let mut body = body.into_data_stream();
+    // The pace of `POST /v1/documents`: at least the minimum rate, within the upload deadline
+    // (and never past the upload's own expiry). A request cut off keeps what it brought.
+    let left = (appending.upload().expires_at - now_millis()).max(0) as u64;
+    let deadline = state
+        .settings
+        .upload_deadline_within_ttl()
+        .min(Duration::from_millis(left));
+    let mut body = SharedBody::new(
+        body.into_data_stream(),
+        Pace::new(deadline, state.settings.upload_min_rate),
+    );
     let mut interrupted = false;
     loop {
         let chunk = match tokio::time::timeout(IDLE_TIMEOUT, body.next()).await {
@@ -386,6 +397,9 @@ async fn receive(
                 }
             });
         }
+    }
+    if body.too_slow() {
+        metrics::counter!("medrelay_uploads_cut_off_total").increment(1);
     }
     let expires = appending.upload().expires_at;
     let answer = if appending.completes() && !interrupted {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use medrelay::model::DocumentResult;
 use medrelay::processor::{CallBudget, Document, ProcessError, Processor};
@@ -23,6 +24,7 @@ on_every_backend!(
     checksums_keep_or_discard_a_request,
     termination_deletion_and_expiry_leave_nothing,
     racing_requests_commit_one_and_an_upload_resumes_after_a_restart,
+    a_stalled_request_is_cut_at_its_deadline_and_keeps_what_it_brought,
 );
 
 /// The documents the processor received (what the worker opened), by content.
@@ -585,4 +587,47 @@ async fn racing_requests_commit_one_and_an_upload_resumes_after_a_restart(backen
     let done = app.wait_terminal(&alice, id_of(&path)).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["result"]["document"]["page_count"], 4);
+}
+
+async fn a_stalled_request_is_cut_at_its_deadline_and_keeps_what_it_brought(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| s.upload_deadline = Duration::from_secs(1)).await;
+    let alice = app.token("alice");
+    let pdf = corpus_file("004-pdflatex-4-pages--pdflatex-4-pages.pdf");
+    let path = create(&app, &alice, pdf.len()).await;
+    let first = pdf[..8000].to_vec();
+    // 8000 bytes, then nothing: a phone whose network stalled.
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(
+        futures::stream::once(async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(Vec::new())
+        }),
+    );
+    let started = std::time::Instant::now();
+    let sent = tus(&app, "PATCH", &path, &alice)
+        .header("upload-offset", "0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("content-length", pdf.len().to_string())
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cut at the deadline"
+    );
+    drop(sent);
+    let kept = eventually(
+        Duration::from_secs(5),
+        "the stalled request's bytes",
+        || async {
+            let r = offset(&app, &alice, &path).await;
+            let at = header(&r, "upload-offset");
+            (at == "8000").then_some(()).ok_or(at)
+        },
+    )
+    .await;
+    drop(kept);
+    let r = patch(&app, &alice, &path, 8000, &pdf[8000..]).await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let done = app.wait_terminal(&alice, id_of(&path)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
 }
