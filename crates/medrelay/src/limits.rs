@@ -195,8 +195,13 @@ impl Limits {
     pub async fn admit_resumable_upload(&self, prefix: &UserPrefix) -> Result<(), Error> {
         let admission = self.admit_upload(prefix).await?;
         admission.release().await;
-        let open = self.db.count_open_uploads(prefix, now_millis()).await?;
-        if open >= self.rules.user_active_jobs {
+        let now = now_millis();
+        let open = self.db.count_open_uploads(prefix, now).await?;
+        let usage = self
+            .db
+            .usage(prefix, SlotKind::Upload, now, now - HOUR_MS)
+            .await?;
+        if open + usage.active_jobs >= self.rules.user_active_jobs {
             let refusal = refused(Limit::UserActiveJobs, ACTIVE_JOB_RETRY);
             return Err(refusal);
         }

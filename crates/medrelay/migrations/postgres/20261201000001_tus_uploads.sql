@@ -22,6 +22,7 @@ CREATE TABLE uploads (
     push_dek BYTEA,
     -- While one request turns the upload into its job (a crash lets it lapse).
     completing_until BIGINT,
+    completing_token TEXT,
     created_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL,
     expires_at BIGINT NOT NULL

@@ -25,6 +25,7 @@ pub struct UploadRow {
     pub push_kek: Option<String>,
     pub push_dek: Option<Vec<u8>>,
     pub completing_until: Option<i64>,
+    pub completing_token: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
     pub expires_at: i64,
@@ -160,20 +161,24 @@ impl Db {
         Ok(done == 1)
     }
 
-    /// Takes the right to turn the upload into its job until `until`, if its offset is still
-    /// `from` and nobody else holds that right. Returns whether it was taken.
+    /// Takes the right to turn the upload into its job until `until`, under `token`, if its
+    /// offset is still `from`, it has not expired and nobody else holds that right. Returns
+    /// whether it was taken.
     pub async fn claim_upload_completion(
         &self,
         id: &JobId,
         from: i64,
+        token: &str,
         now: i64,
         until: i64,
     ) -> Result<bool> {
-        let sql = "UPDATE uploads SET completing_until = $1, updated_at = $2 \
-                   WHERE id = $3 AND upload_offset = $4 AND expires_at > $2 \
-                   AND (completing_until IS NULL OR completing_until < $2)";
+        let sql = "UPDATE uploads SET completing_until = $1, completing_token = $2, \
+                   updated_at = $3 \
+                   WHERE id = $4 AND upload_offset = $5 AND expires_at > $3 \
+                   AND (completing_until IS NULL OR completing_until < $3)";
         let done = on_pool!(self, |p| sqlx::query(sql)
             .bind(until)
+            .bind(token)
             .bind(now)
             .bind(id)
             .bind(from)
@@ -183,15 +188,68 @@ impl Db {
         Ok(done == 1)
     }
 
-    /// Gives up the right to complete (the job was refused or failed to commit).
-    pub async fn release_upload_completion(&self, id: &JobId) -> Result<()> {
-        let sql = "UPDATE uploads SET completing_until = NULL WHERE id = $1";
+    /// Extends the right to complete, if `token` still holds it. Returns whether it does.
+    pub async fn renew_upload_completion(
+        &self,
+        id: &JobId,
+        token: &str,
+        until: i64,
+    ) -> Result<bool> {
+        let sql = "UPDATE uploads SET completing_until = $1 \
+                   WHERE id = $2 AND completing_token = $3";
+        let done = on_pool!(self, |p| sqlx::query(sql)
+            .bind(until)
+            .bind(id)
+            .bind(token)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// Gives up the right to complete, if `token` holds it (the job was refused or failed).
+    pub async fn release_upload_completion(&self, id: &JobId, token: &str) -> Result<()> {
+        let sql = "UPDATE uploads SET completing_until = NULL, completing_token = NULL \
+                   WHERE id = $1 AND completing_token = $2";
         on_pool!(self, |p| sqlx::query(sql)
             .bind(id)
+            .bind(token)
             .execute(p)
             .await
             .map(|_| ()))?;
         Ok(())
+    }
+
+    /// Removes an upload's row only while it is at `offset` and nobody completes it (a type
+    /// refused by the request that started there). Returns it, if it was removed.
+    pub async fn delete_upload_at(
+        &self,
+        id: &JobId,
+        offset: i64,
+        now: i64,
+    ) -> Result<Option<UploadRow>> {
+        let sql = "DELETE FROM uploads WHERE id = $1 AND upload_offset = $2 \
+                   AND (completing_until IS NULL OR completing_until < $3) RETURNING *";
+        let row = on_pool!(self, |p| sqlx::query_as::<_, UploadRow>(sql)
+            .bind(id)
+            .bind(offset)
+            .bind(now)
+            .fetch_optional(p)
+            .await)?;
+        Ok(row)
+    }
+
+    /// Removes an upload's row unless a request is completing it (termination). Returns it, if
+    /// it was removed.
+    pub async fn delete_idle_upload(&self, id: &JobId, now: i64) -> Result<Option<UploadRow>> {
+        let sql = "DELETE FROM uploads WHERE id = $1 \
+                   AND (completing_until IS NULL OR completing_until < $2) RETURNING *";
+        let row = on_pool!(self, |p| sqlx::query_as::<_, UploadRow>(sql)
+            .bind(id)
+            .bind(now)
+            .fetch_optional(p)
+            .await)?;
+        Ok(row)
     }
 
     /// Removes an upload's row (its wrapped keys with it). Returns it, if it was there.
@@ -216,7 +274,10 @@ impl Db {
 
     /// Uploads whose lifetime has ended at `now`, oldest first.
     pub async fn expired_uploads(&self, now: i64, limit: i64) -> Result<Vec<UploadRow>> {
-        let sql = "SELECT * FROM uploads WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2";
+        // One being completed is left to its request, whose job expires at the same instant.
+        let sql = "SELECT * FROM uploads WHERE expires_at <= $1 \
+                   AND (completing_until IS NULL OR completing_until < $1) \
+                   ORDER BY expires_at LIMIT $2";
         let rows = on_pool!(self, |p| sqlx::query_as::<_, UploadRow>(sql)
             .bind(now)
             .bind(limit)

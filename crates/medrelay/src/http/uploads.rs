@@ -129,10 +129,13 @@ pub async fn create_upload(
     if length == 0 {
         return Err(ApiError::EmptyDocument);
     }
-    let with_data = has_body(&headers);
-    if with_data {
+    let with_data = has_body(&headers, request.body());
+    let checksum = if with_data {
         offset_octet_stream(&headers)?;
-    }
+        checksum(&headers)?
+    } else {
+        None
+    };
     let push = push_token(&headers)?;
     let prefix = state.lifecycle.user_prefix(&user.id);
     state.limits.admit_resumable_upload(&prefix).await?;
@@ -146,7 +149,7 @@ pub async fn create_upload(
         let received = async {
             let appending = state
                 .lifecycle
-                .append_to_upload(&user.id, &row.id, 0, checksum(&headers)?)
+                .append_to_upload(&user.id, &row.id, 0, checksum)
                 .await
                 .map_err(api_error)?;
             receive(&state, appending, request.into_body()).await
@@ -295,7 +298,7 @@ pub async fn append(
         Ok(appending) => appending,
         // A client that lost the answer to its last request finds its job.
         Err(UploadError::Completed { job, length })
-            if offset as i64 == length && !has_body(&headers) =>
+            if offset as i64 == length && !has_body(&headers, request.body()) =>
         {
             let mut response = StatusCode::NO_CONTENT.into_response();
             response
@@ -383,57 +386,76 @@ async fn receive(
             }
         };
         if let Err(e) = appending.push(&chunk).await {
-            return Err(match e {
-                UploadError::Refused(sniffed) => {
-                    appending.refuse().await;
-                    match sniffed {
-                        Sniffed::Heic => ApiError::HeicUnsupported,
-                        _ => ApiError::UnsupportedMediaType,
-                    }
-                }
-                e => {
-                    appending.abandon().await;
-                    api_error(e)
-                }
-            });
+            appending.give_up(&e).await;
+            return Err(api_error(e));
         }
     }
     if body.too_slow() {
         metrics::counter!("medrelay_uploads_cut_off_total").increment(1);
     }
+    // What was received is committed in a task of its own: a client that disconnects (or an
+    // HTTP/2 reset that drops this handler) cannot stop a commit half-way.
+    let finishing = tokio::spawn(finish(appending, interrupted, admission));
+    match finishing.await {
+        Ok(answer) => answer,
+        Err(e) => Err(ApiError::internal(anyhow::anyhow!(
+            "committing an upload's bytes failed: {e}"
+        ))),
+    }
+}
+
+/// Commits a request's bytes: as more bytes of the upload, or, when they are the last, as its
+/// job. Answers 204 with the offset (and `Medrelay-Job` once complete).
+async fn finish(
+    appending: Appending,
+    interrupted: bool,
+    admission: crate::limits::Admission,
+) -> Result<Response, ApiError> {
     let expires = appending.upload().expires_at;
-    let answer = if appending.completes() && !interrupted {
+    let completes = appending.completes();
+    let answer = if completes {
         let (own_slot, caps, refused) = admission.at_insert();
         match appending
-            .become_job(own_slot.as_deref(), caps, refused)
+            .become_job(interrupted, own_slot.as_deref(), caps, refused)
             .await
-            .map_err(api_error)?
         {
-            Ok(job) => {
-                let mut response = StatusCode::NO_CONTENT.into_response();
-                let headers = response.headers_mut();
-                headers.insert(UPLOAD_OFFSET, HeaderValue::from(job.size_bytes));
-                headers.insert(MEDRELAY_JOB, value(&format!("/v1/jobs/{}", job.id)));
-                Ok(response)
-            }
-            Err(refused) => Err(crate::limits::Error::Refused(refused).into()),
+            Ok(Ok(job)) => Ok(completed(&job.id.to_string(), job.size_bytes)),
+            Ok(Err(refused)) => Err(crate::limits::Error::Refused(refused).into()),
+            // Another request completed it first with the same bytes: the same answer.
+            Err(UploadError::Completed { job, length }) => Ok(completed(job.as_str(), length)),
+            Err(e) => Err(api_error(e)),
         }
     } else {
-        let offset = appending.commit(interrupted).await.map_err(api_error)?;
-        let mut response = StatusCode::NO_CONTENT.into_response();
-        let headers = response.headers_mut();
-        headers.insert(UPLOAD_OFFSET, HeaderValue::from(offset));
-        headers.insert(UPLOAD_EXPIRES, http_date(expires));
-        Ok(response)
+        match appending.commit(interrupted).await {
+            Ok(offset) => {
+                let mut response = StatusCode::NO_CONTENT.into_response();
+                let headers = response.headers_mut();
+                headers.insert(UPLOAD_OFFSET, HeaderValue::from(offset));
+                headers.insert(UPLOAD_EXPIRES, http_date(expires));
+                Ok(response)
+            }
+            Err(e) => Err(api_error(e)),
+        }
     };
     admission.release().await;
     answer
 }
 
+/// 204 for the request that completed an upload (or finds it completed).
+fn completed(job: &str, length: i64) -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let headers = response.headers_mut();
+    headers.insert(UPLOAD_OFFSET, HeaderValue::from(length));
+    headers.insert(MEDRELAY_JOB, value(&format!("/v1/jobs/{job}")));
+    response
+}
+
 /// An upload error as the app reads it.
 fn api_error(e: UploadError) -> ApiError {
     match e {
-        UploadError::NotFound | UploadError::Completed { .. } => ApiError::UploadNotFound,
+        UploadError::NotFound => ApiError::UploadNotFound,
+        // Complete already: the client asks the offset (HEAD shows the job) and is done.
+        UploadError::Completed { length, .. } => ApiError::UploadOffsetMismatch { current: length },
         UploadError::Expired => ApiError::UploadExpired,
         UploadError::OffsetMismatch { current } => ApiError::UploadOffsetMismatch { current },
         UploadError::Busy => ApiError::UploadBusy,
@@ -470,15 +492,15 @@ fn offset_octet_stream(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Whether a request carries (or announces) a body.
-fn has_body(headers: &HeaderMap) -> bool {
+/// Whether a request carries a body (HTTP/1 with a length or chunked, HTTP/2 with data).
+fn has_body(headers: &HeaderMap, body: &Body) -> bool {
     let length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     match length {
         Some(n) => n > 0,
-        None => headers.contains_key(header::TRANSFER_ENCODING),
+        None => !axum::body::HttpBody::is_end_stream(body),
     }
 }
 

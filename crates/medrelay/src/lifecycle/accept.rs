@@ -8,7 +8,7 @@ use object_store::path::Path;
 use super::{Error, Lifecycle};
 use crate::clock::{millis, now_millis};
 use crate::crypto::{SealingStream, WrappedKey};
-use crate::db::{InsertCaps, Inserted, NewJob, Sealed, Usage};
+use crate::db::{DbError, InsertCaps, Inserted, NewJob, Sealed, Usage};
 use crate::ids::{JobId, UserId, UserPrefix};
 use crate::model::Job;
 use crate::processor::MediaType;
@@ -199,6 +199,11 @@ impl Incoming {
             Ok(Err(refused)) => {
                 lifecycle.discard(&path).await;
                 return Ok(Err(refused));
+            }
+            // The id is taken: a resumable upload's job committed by another request. Its
+            // document is at this key; it is not ours to delete.
+            Err(e @ DbError::Conflict(_)) if new_job.idempotency_key.is_none() => {
+                return Err(e.into());
             }
             Err(e) => {
                 // No 202 without a committed row, and no object without a row.

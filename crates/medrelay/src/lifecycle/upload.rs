@@ -36,8 +36,14 @@ use crate::store::{ObjectWriter, Store};
 pub const PART_MAX: usize = 4 * 1024 * 1024;
 /// The most parts one upload may have (a client sending tiny chunks is stopped here).
 pub const MAX_PARTS: i64 = 4096;
-/// How long one request may take to turn a finished upload into its job before another may.
-const COMPLETION_LEASE: Duration = Duration::from_secs(120);
+/// While an upload's type is not decided, at most this many parts (each request re-reads the
+/// earlier ones to decide it): a client must send the first 1 KiB in a few requests.
+const MAX_UNDECIDED_PARTS: i64 = 16;
+/// The right to turn a finished upload into its job lapses this long after its last renewal
+/// (a crashed instance blocks the upload for at most this long).
+const COMPLETION_LEASE: Duration = Duration::from_secs(30);
+/// How often a completing request renews that right.
+const COMPLETION_RENEW: Duration = Duration::from_secs(10);
 
 /// Why an upload request cannot go on, as the tus answer says it.
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +145,11 @@ impl Lifecycle {
             _ => None,
         };
         let now = now_millis();
-        let expires_at = now + millis(self.rules().temp_ttl);
+        // The sweeper deletes objects that would pass the TTL before its next round; an upload
+        // ends before its first part can be among them.
+        let ttl = millis(self.rules().temp_ttl);
+        let margin = millis(self.rules().sweep_interval).min(ttl / 12);
+        let expires_at = now + ttl - margin;
         self.db()
             .insert_upload(&NewUpload {
                 id: &id,
@@ -168,6 +178,7 @@ impl Lifecycle {
             push_kek: push.as_ref().map(|s| s.key.kid.clone()),
             push_dek: push.map(|s| s.key.bytes),
             completing_until: None,
+            completing_token: None,
             created_at: now,
             updated_at: now,
             expires_at,
@@ -231,6 +242,9 @@ impl Lifecycle {
         {
             return Err(UploadError::Busy);
         }
+        if row.media_type.is_none() && row.part_count >= MAX_UNDECIDED_PARTS {
+            return Err(UploadError::TooManyParts);
+        }
         let key = self.upload_key(&row).map_err(|e| match e {
             Ok(kid) => {
                 super::key_missing(&kid, "an upload cannot be resumed");
@@ -255,6 +269,7 @@ impl Lifecycle {
             sealed: Vec::new(),
             head,
             media_type,
+            refused: None,
             checksum,
         })
     }
@@ -303,8 +318,12 @@ impl Lifecycle {
             Ok(UploadState::Completed { .. }) => return Err(UploadError::NotFound),
             Err(e) => return Err(e),
         }
-        let Some(row) = self.db().delete_upload(id).await? else {
-            return Err(UploadError::NotFound);
+        let Some(row) = self.db().delete_idle_upload(id, now_millis()).await? else {
+            // Still there: a request is turning it into its job.
+            return Err(match self.db().get_upload(user, id).await? {
+                Some(_) => UploadError::Busy,
+                None => UploadError::NotFound,
+            });
         };
         self.forget_upload_parts(&row)
             .await
@@ -407,6 +426,9 @@ pub struct Appending {
     /// The upload's first bytes while its type is not decided.
     head: Option<Zeroizing<Vec<u8>>>,
     media_type: Option<MediaType>,
+    /// The type was refused, but the request carries a checksum: the refusal stands only if
+    /// its bytes arrived intact.
+    refused: Option<Sniffed>,
     checksum: Option<Checksum>,
 }
 
@@ -452,6 +474,10 @@ impl Appending {
                 self.decide()?;
             }
         }
+        if self.refused.is_some() {
+            // Only hashed from here on: nothing more of a refused upload is stored.
+            return Ok(());
+        }
         while !chunk.is_empty() {
             if self.current.as_ref().is_some_and(|p| p.size == PART_MAX) {
                 self.close_part().await?;
@@ -485,6 +511,12 @@ impl Appending {
         match sniff(&head) {
             Sniffed::Accepted(media_type) => {
                 self.media_type = Some(media_type);
+                Ok(())
+            }
+            // A damaged chunk must not end a good upload: with a checksum, the refusal waits
+            // for it.
+            refused if self.checksum.is_some() => {
+                self.refused = Some(refused);
                 Ok(())
             }
             refused => Err(UploadError::Refused(refused)),
@@ -537,6 +569,16 @@ impl Appending {
         written.map_err(|e| UploadError::Lifecycle(Error::Unavailable(e)))
     }
 
+    /// Ends this request after `error`: a refused type terminates the upload, anything else
+    /// leaves it where it was.
+    pub async fn give_up(self, error: &UploadError) {
+        if matches!(error, UploadError::Refused(_)) {
+            self.refuse().await
+        } else {
+            self.abandon().await
+        }
+    }
+
     /// Gives up this request: whatever it wrote goes; the upload stays where it was.
     pub async fn abandon(mut self) {
         if let Some(part) = self.current.take() {
@@ -545,12 +587,17 @@ impl Appending {
         self.lifecycle.discard_parts(&self.row, &self.sealed).await;
     }
 
-    /// The type was refused: the whole upload is terminated (row and every part).
+    /// The type was refused: the whole upload is terminated (row and every part), unless
+    /// another request moved it meanwhile.
     pub async fn refuse(self) {
         let lifecycle = self.lifecycle.clone();
         let row = self.row.clone();
         self.abandon().await;
-        if let Ok(Some(row)) = lifecycle.db().delete_upload(&row.id).await
+        let removed = lifecycle
+            .db()
+            .delete_upload_at(&row.id, row.upload_offset, now_millis())
+            .await;
+        if let Ok(Some(row)) = removed
             && let Err(e) = lifecycle.forget_upload_parts(&row).await
         {
             log_repairable("removing a refused upload's parts", &e);
@@ -571,6 +618,9 @@ impl Appending {
                 return Err(UploadError::ChecksumMismatch);
             }
         }
+        if let Some(refused) = self.refused {
+            return Err(UploadError::Refused(refused));
+        }
         self.close_part().await?;
         if self.row.part_count + self.sealed.len() as i64 > MAX_PARTS {
             return Err(UploadError::TooManyParts);
@@ -585,7 +635,7 @@ impl Appending {
             return Ok(self.row.upload_offset);
         }
         if let Err(e) = self.seal(interrupted).await {
-            self.abandon().await;
+            self.give_up(&e).await;
             return Err(e);
         }
         let now = now_millis();
@@ -618,29 +668,40 @@ impl Appending {
         }
     }
 
-    /// Turns the upload, with this request's bytes (which complete it), into its job: its
-    /// parts are opened in order and sealed again into the job's document, the job is
-    /// committed if the user's limits (checked by the insert, as for `POST /v1/documents`)
-    /// leave room, then the upload's row and parts go. Refused or failed: this request's bytes
-    /// are discarded and the upload stays where it was before them.
+    /// Turns the upload, with this request's bytes (which complete it), into its job: under a
+    /// renewed lease on the row (so that no other request completes it meanwhile), its parts
+    /// are opened in order and sealed again into the job's document, the job is committed if
+    /// the user's limits (checked by the insert, as for `POST /v1/documents`) leave room, then
+    /// the upload's row and parts go. Refused or failed: this request's bytes are discarded and
+    /// the upload stays where it was before them. `interrupted`: the body broke off after its
+    /// last byte (kept, unless a checksum cannot be checked).
     pub async fn become_job<E>(
         mut self,
+        interrupted: bool,
         own_slot: Option<&str>,
         caps: InsertCaps,
         refused: impl FnOnce(&Usage) -> E,
     ) -> Result<std::result::Result<Job, E>, UploadError> {
-        if let Err(e) = self.seal(false).await {
-            self.abandon().await;
+        if let Err(e) = self.seal(interrupted).await {
+            self.give_up(&e).await;
             return Err(e);
         }
         let lifecycle = self.lifecycle.clone();
         let db = lifecycle.db();
         let id = self.row.id.clone();
+        let token = match crypto::random_bytes(16) {
+            Ok(bytes) => bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            Err(e) => {
+                self.abandon().await;
+                return Err(Error::Internal(e).into());
+            }
+        };
         let now = now_millis();
         let claimed = db
             .claim_upload_completion(
                 &id,
                 self.row.upload_offset,
+                &token,
                 now,
                 now + millis(COMPLETION_LEASE),
             )
@@ -663,6 +724,7 @@ impl Appending {
             &self.key,
             &self.sealed,
             self.media_type,
+            &token,
             (own_slot, caps, refused),
         )
         .await;
@@ -680,7 +742,7 @@ impl Appending {
                 Ok(Ok(job))
             }
             other => {
-                if let Err(e) = db.release_upload_completion(&id).await {
+                if let Err(e) = db.release_upload_completion(&id, &token).await {
                     log_repairable("releasing an upload's completion", &e.into());
                 }
                 self.abandon().await;
@@ -712,17 +774,46 @@ async fn assemble_and_commit<E>(
     key: &DataKey,
     last: &[String],
     media_type: Option<MediaType>,
+    token: &str,
     (own_slot, caps, refused): (Option<&str>, InsertCaps, impl FnOnce(&Usage) -> E),
 ) -> Result<std::result::Result<Job, E>, UploadError> {
+    // Renews the lease when due; fails when it was lost (the upload was deleted, terminated,
+    // expired, or a crash-length stall let another request take over).
+    let mut renewed = std::time::Instant::now();
+    async fn renew(
+        lifecycle: &Lifecycle,
+        row: &UploadRow,
+        token: &str,
+        renewed: &mut std::time::Instant,
+        force: bool,
+    ) -> Result<(), UploadError> {
+        if !force && renewed.elapsed() < COMPLETION_RENEW {
+            return Ok(());
+        }
+        *renewed = std::time::Instant::now();
+        let until = now_millis() + millis(COMPLETION_LEASE);
+        match lifecycle
+            .db()
+            .renew_upload_completion(&row.id, token, until)
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(UploadError::NotFound),
+            Err(e) => Err(e.into()),
+        }
+    }
     let media_type = media_type
         .ok_or_else(|| Error::Internal(anyhow::anyhow!("a complete upload without a type")))?;
     let mut incoming: Incoming =
         lifecycle.accept_as(&row.user_id, media_type, row.created_at, row.id.clone())?;
     let copied = async {
         for name in row.part_names().chain(last.iter().map(String::as_str)) {
+            renew(lifecycle, row, token, &mut renewed, false).await?;
             let plaintext = lifecycle.read_part(key, row, name).await?;
             incoming.push(&plaintext).await?;
         }
+        // Still ours, just before the document appears and the job is committed.
+        renew(lifecycle, row, token, &mut renewed, true).await?;
         Ok::<_, UploadError>(())
     }
     .await;
