@@ -82,13 +82,7 @@ impl JobRow {
 
     /// The sealed push token and its wrapped data key, while the job keeps one.
     pub fn push_token(&self) -> Option<Sealed> {
-        Some(Sealed {
-            sealed: self.push_token.clone()?,
-            key: WrappedKey {
-                kid: self.push_kek.clone()?,
-                bytes: self.push_dek.clone()?,
-            },
-        })
+        Sealed::from_columns(&self.push_token, &self.push_kek, &self.push_dek)
     }
 }
 
@@ -97,6 +91,23 @@ impl JobRow {
 pub struct Sealed {
     pub sealed: Vec<u8>,
     pub key: WrappedKey,
+}
+
+impl Sealed {
+    /// A sealed value from its three columns, when all are set.
+    pub fn from_columns(
+        sealed: &Option<Vec<u8>>,
+        kek: &Option<String>,
+        dek: &Option<Vec<u8>>,
+    ) -> Option<Sealed> {
+        Some(Sealed {
+            sealed: sealed.clone()?,
+            key: WrappedKey {
+                kid: kek.clone()?,
+                bytes: dek.clone()?,
+            },
+        })
+    }
 }
 
 impl std::fmt::Debug for Sealed {

@@ -57,13 +57,7 @@ impl UploadRow {
 
     /// The sealed push token, if the upload carried one.
     pub fn push_token(&self) -> Option<Sealed> {
-        Some(Sealed {
-            sealed: self.push_token.clone()?,
-            key: WrappedKey {
-                kid: self.push_kek.clone()?,
-                bytes: self.push_dek.clone()?,
-            },
-        })
+        Sealed::from_columns(&self.push_token, &self.push_kek, &self.push_dek)
     }
 }
 
