@@ -245,8 +245,18 @@ async fn rotating_the_master_key_keeps_jobs_in_flight_readable() {
             .ok_or("not tried yet".to_owned())
     })
     .await;
-    let row = app.row(orphaned_id).await.expect("the row");
-    assert_eq!(row.status, medrelay::model::JobStatus::Queued);
+    // The metric is counted before the attempt is handed back: wait for the hand-back.
+    let row = eventually(
+        Duration::from_secs(10),
+        "the attempt handed back",
+        || async {
+            let row = app.row(orphaned_id).await.expect("the row");
+            (row.status == medrelay::model::JobStatus::Queued)
+                .then_some(row)
+                .ok_or("still processing".to_owned())
+        },
+    )
+    .await;
     assert_eq!(row.attempts, 0, "the attempt is not counted");
     assert!(app.purges().await.is_empty(), "nobody is purged");
     app.settings.master_key = Some(medrelay::config::Secret::new(format!("{old},{new}")));
