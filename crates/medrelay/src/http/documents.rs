@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::schema::{DocumentForm, FileBytes};
 use crate::auth::User;
 use crate::clock::now_millis;
 use crate::error::{ApiError, Problem};
@@ -43,19 +44,16 @@ const MULTIPART_OVERHEAD: u64 = 64 * 1024;
     tag = "documents",
     security(("bearer" = [])),
     params(
-        ("Idempotency-Key" = Option<String>, Header,
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!#-~]{1,255}$",
             description = "The same key from the same user returns the same job and creates nothing new"),
-        ("Push-Token" = Option<String>, Header,
+        ("Push-Token" = Option<String>, Header, pattern = "^[A-Za-z0-9_:.-]{1,4096}$",
             description = "An FCM registration token: when the job ends, this device gets one data-only push (`job_id`, `status`), nothing else. Kept sealed with the job only, deleted with it; ignored where the server has no FCM credentials"),
     ),
     request_body(
-        description = "The file's bytes, or multipart/form-data with one part named `file`",
+        description = "The file's bytes, or multipart/form-data with one part named `file`. The type is decided from the bytes, so the body may carry the file's own type (`application/pdf`, `image/jpeg`, `image/png`, `image/webp`) or `application/octet-stream`",
         content(
-            (Vec<u8> = "application/pdf"),
-            (Vec<u8> = "image/jpeg"),
-            (Vec<u8> = "image/png"),
-            (Vec<u8> = "image/webp"),
-            (Vec<u8> = "multipart/form-data"),
+            (FileBytes = "application/octet-stream"),
+            (DocumentForm = "multipart/form-data"),
         ),
     ),
     responses(
@@ -78,6 +76,19 @@ pub async fn create_document(
 ) -> Result<Response, ApiError> {
     let started = now_millis();
     let headers = request.headers().clone();
+    // No document, no job: not even the replay of one (an idempotency key names an upload of
+    // a document, not an empty request).
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let empty = match declared {
+        Some(n) => n == 0,
+        None => axum::body::HttpBody::is_end_stream(request.body()),
+    };
+    if empty {
+        return Err(ApiError::EmptyDocument);
+    }
 
     let pace = Pace::new(
         state.settings.upload_deadline_within_ttl(),

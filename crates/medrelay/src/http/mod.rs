@@ -6,6 +6,7 @@
 mod documents;
 mod jobs;
 mod ops;
+mod schema;
 mod uploads;
 
 use axum::Router;
@@ -85,18 +86,155 @@ fn ops_routes() -> OpenApiRouter<AppState> {
 /// The OpenAPI document, generated from the handlers.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut api = api_router().into_openapi();
+    add_links(&mut api);
     api.paths.paths.insert(
         "/openapi.json".into(),
         utoipa::openapi::path::PathItem::new(
             utoipa::openapi::HttpMethod::Get,
             utoipa::openapi::path::OperationBuilder::new()
                 .tag("operations")
+                .operation_id(Some("openapi"))
                 .summary(Some("This OpenAPI document"))
                 .response("200", utoipa::openapi::Response::new("OpenAPI 3.1 JSON"))
                 .build(),
         ),
     );
     api
+}
+
+/// What the handlers' annotations cannot say: OpenAPI links from an upload's answer to the
+/// operations on the job (or upload) it made, so that clients and contract fuzzers follow a
+/// real job instead of guessing ids; the type of the multipart form's `file` part; and optional
+/// headers that are absent rather than `null`.
+fn add_links(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::link::LinkBuilder;
+    let link = |operation: &str, id: &str, description: &str| {
+        LinkBuilder::new()
+            .operation_id(operation)
+            .parameter("id", id)
+            .description(description)
+            .build()
+    };
+    let follow = |api: &mut utoipa::openapi::OpenApi,
+                  path: &str,
+                  status: &str,
+                  links: Vec<(&str, utoipa::openapi::link::Link)>| {
+        let Some(item) = api.paths.paths.get_mut(path) else {
+            return;
+        };
+        let Some(operation) = item.post.as_mut() else {
+            return;
+        };
+        if let Some(RefOr::T(response)) = operation.responses.responses.get_mut(status) {
+            for (name, link) in links {
+                response.links.insert(name.into(), RefOr::T(link));
+            }
+        }
+    };
+    // The multipart form's `file` part carries a document, as the raw bodies do.
+    if let Some(body) = api
+        .paths
+        .paths
+        .get_mut("/v1/documents")
+        .and_then(|item| item.post.as_mut())
+        .and_then(|operation| operation.request_body.as_mut())
+        && let RefOr::T(body) = body
+        && let Some(RefOr::T(form)) = body.content.get_mut("multipart/form-data")
+    {
+        form.encoding.insert(
+            "file".into(),
+            utoipa::openapi::encoding::EncodingBuilder::new()
+                .content_type(Some("application/octet-stream"))
+                .build(),
+        );
+    }
+    // An optional header is absent, never `null`: its schema is the value's alone.
+    for item in api.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            let parameters = operation.parameters.iter_mut().flatten();
+            for parameter in parameters {
+                let RefOr::T(parameter) = parameter else {
+                    continue;
+                };
+                if parameter.parameter_in != utoipa::openapi::path::ParameterIn::Header {
+                    continue;
+                }
+                if let Some(RefOr::T(utoipa::openapi::schema::Schema::Object(object))) =
+                    parameter.schema.as_mut()
+                    && let utoipa::openapi::schema::SchemaType::Array(types) = &object.schema_type
+                {
+                    let types: Vec<_> = types
+                        .iter()
+                        .filter(|t| **t != utoipa::openapi::schema::Type::Null)
+                        .cloned()
+                        .collect();
+                    if let [only] = types.as_slice() {
+                        object.schema_type =
+                            utoipa::openapi::schema::SchemaType::Type(only.clone());
+                    }
+                }
+            }
+        }
+    }
+    // A tus creation carries its first bytes only optionally.
+    if let Some(RefOr::T(body)) = api
+        .paths
+        .paths
+        .get_mut("/v1/uploads")
+        .and_then(|item| item.post.as_mut())
+        .and_then(|operation| operation.request_body.as_mut())
+    {
+        body.required = Some(utoipa::openapi::Required::False);
+    }
+    let job_id = "$response.body#/id";
+    follow(
+        api,
+        "/v1/documents",
+        "202",
+        vec![
+            (
+                "GetJob",
+                link("get_job", job_id, "The job this upload made"),
+            ),
+            (
+                "JobEvents",
+                link("job_events", job_id, "Its changes as they happen"),
+            ),
+            (
+                "DeleteJob",
+                link("delete_job", job_id, "Delete it and its data now"),
+            ),
+        ],
+    );
+    // The upload's id, from its Location (schemathesis reads the `#regex:` suffix; other
+    // tools see the header).
+    let upload_id = "$response.header.Location#regex:/v1/uploads/(.+)";
+    follow(
+        api,
+        "/v1/uploads",
+        "201",
+        vec![
+            (
+                "UploadOffset",
+                link("upload_offset", upload_id, "Where the upload stands"),
+            ),
+            ("Append", link("append", upload_id, "Send the next bytes")),
+            (
+                "Terminate",
+                link("terminate", upload_id, "Delete the upload now"),
+            ),
+        ],
+    );
 }
 
 /// The main address: the app's routes, the OpenAPI document, and the operations routes

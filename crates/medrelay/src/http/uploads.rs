@@ -15,6 +15,7 @@ use base64::Engine;
 use futures::StreamExt;
 
 use super::documents::{Pace, SharedBody, push_token};
+use super::schema::{FileBytes, TusVersion};
 use crate::auth::User;
 use crate::clock::now_millis;
 use crate::error::{ApiError, Problem};
@@ -78,15 +79,15 @@ pub async fn discover(State(state): State<AppState>) -> Response {
     tag = "uploads",
     security(("bearer" = [])),
     params(
-        ("Tus-Resumable" = String, Header, description = "`1.0.0`"),
-        ("Upload-Length" = u64, Header, description = "The whole document's size in bytes (required; `Upload-Defer-Length` is not supported)"),
+        ("Tus-Resumable" = inline(TusVersion), Header, description = "The tus version, `1.0.0`"),
+        ("Upload-Length" = u64, Header, minimum = 1, maximum = 33554432, description = "The whole document's size in bytes, at most `Tus-Max-Size` (`MEDRELAY_MAX_UPLOAD_BYTES`, by default 33554432); required (`Upload-Defer-Length` is not supported)"),
         ("Upload-Metadata" = Option<String>, Header, description = "Accepted and ignored: never stored, echoed or logged"),
-        ("Push-Token" = Option<String>, Header,
+        ("Push-Token" = Option<String>, Header, pattern = "^[A-Za-z0-9_:.-]{1,4096}$",
             description = "An FCM registration token: when the job ends, this device gets one data-only push (`job_id`, `status`). Kept sealed with the upload and then its job only"),
     ),
     request_body(
         description = "Optional: the first bytes (`Content-Type: application/offset+octet-stream`)",
-        content((Vec<u8> = "application/offset+octet-stream")),
+        content((FileBytes = "application/offset+octet-stream")),
     ),
     responses(
         (status = 201, description = "Created; its id is the id of the job it becomes",
@@ -194,7 +195,7 @@ pub async fn create_upload(
     security(("bearer" = [])),
     params(
         ("id" = String, Path, description = "The upload's id (its job's)"),
-        ("Tus-Resumable" = String, Header, description = "`1.0.0`"),
+        ("Tus-Resumable" = inline(TusVersion), Header, description = "The tus version, `1.0.0`"),
     ),
     responses(
         (status = 200, description = "The offset; `Cache-Control: no-store`",
@@ -204,7 +205,8 @@ pub async fn create_upload(
                 ("Upload-Expires" = String, description = "While unfinished: when it is deleted"),
                 ("Medrelay-Job" = String, description = "/v1/jobs/{id}, once complete"),
             )),
-        (status = 404, description = "No such upload of this user (terminated, refused, expired and swept, or another user's); no body, as for every HEAD"),
+        (status = 401, description = "Missing or invalid token; no body, as for every HEAD"),
+        (status = 404, description = "No such upload of this user (terminated, refused, expired and swept, or another user's)"),
         (status = 410, description = "Expired, not yet swept"),
         (status = 412, description = "`Tus-Resumable` is not `1.0.0`"),
     ),
@@ -249,11 +251,11 @@ pub async fn upload_offset(
     security(("bearer" = [])),
     params(
         ("id" = String, Path, description = "The upload's id (its job's)"),
-        ("Tus-Resumable" = String, Header, description = "`1.0.0`"),
+        ("Tus-Resumable" = inline(TusVersion), Header, description = "The tus version, `1.0.0`"),
         ("Upload-Offset" = u64, Header, description = "Must equal the upload's offset"),
-        ("Upload-Checksum" = Option<String>, Header, description = "`sha1|sha256 <base64 digest>` of this request's body"),
+        ("Upload-Checksum" = Option<String>, Header, pattern = "^(sha1|sha256) ([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$", description = "`sha1|sha256 <base64 digest>` of this request's body"),
     ),
-    request_body(content((Vec<u8> = "application/offset+octet-stream"))),
+    request_body(content((FileBytes = "application/offset+octet-stream"))),
     responses(
         (status = 204, description = "Kept",
             headers(
@@ -322,7 +324,7 @@ pub async fn append(
     security(("bearer" = [])),
     params(
         ("id" = String, Path, description = "The upload's id"),
-        ("Tus-Resumable" = String, Header, description = "`1.0.0`"),
+        ("Tus-Resumable" = inline(TusVersion), Header, description = "The tus version, `1.0.0`"),
     ),
     responses(
         (status = 204, description = "Terminated: every byte of it is gone"),
@@ -525,7 +527,12 @@ fn checksum(headers: &HeaderMap) -> Result<Option<Checksum>, ApiError> {
     let (algorithm, digest) = text.trim().split_once(' ').ok_or(ApiError::BadRequest(
         "Upload-Checksum must be `algorithm digest`",
     ))?;
-    let digest = base64::engine::general_purpose::STANDARD
+    // Padded base64; bits past the last byte are not held against the client.
+    let lenient = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+    );
+    let digest = lenient
         .decode(digest.trim())
         .map_err(|_| ApiError::BadRequest("the Upload-Checksum digest must be base64"))?;
     Checksum::new(algorithm, digest)

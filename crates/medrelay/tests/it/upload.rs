@@ -233,6 +233,24 @@ async fn an_empty_upload_is_a_bad_request(backend: Backend) {
         .unwrap();
     assert_problem(response, 400, "empty-document").await;
     app.assert_store_empties().await;
+    // An idempotency key names an upload of a document: a request without one is refused,
+    // not answered with the key's job.
+    let pdf = corpus_file("004-pdflatex-4-pages--pdflatex-4-pages.pdf");
+    let upload = |body: Vec<u8>| {
+        app.http
+            .post(app.url("/v1/documents"))
+            .bearer_auth(&token)
+            .header("idempotency-key", "k-1")
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        upload(pdf.clone()).await.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(upload(pdf).await.unwrap().status(), StatusCode::ACCEPTED);
+    let response = upload(Vec::new()).await.unwrap();
+    assert_problem(response, 400, "empty-document").await;
     app.stop().await;
 }
 
