@@ -2,9 +2,10 @@
 # Sourced by scripts/test and scripts/chaos: makes sure PostgreSQL runs (trust auth, user
 # postgres, at 127.0.0.1:5432), installs moto into a virtualenv under target/ when missing, and
 # starts moto's S3 on a free loopback port for as long as the calling script runs, and installs
-# the real tus clients (tuspy into the same virtualenv, tus-js-client under target/tus-js). Exports
-# MEDRELAY_TEST_DATABASE_URL, AWS_ENDPOINT_URL, the AWS_* test credentials, MEDRELAY_TEST_PYTHON
-# and MEDRELAY_TUS_JS.
+# the real tus clients (tuspy into the same virtualenv, tus-js-client under target/tus-js) and a
+# real browser (Debian's chromium, playwright-core under target/browser-tools). Exports
+# MEDRELAY_TEST_DATABASE_URL, AWS_ENDPOINT_URL, the AWS_* test credentials, MEDRELAY_TEST_PYTHON,
+# MEDRELAY_TUS_JS and MEDRELAY_BROWSER_TOOLS.
 # Expects: the repository root as the working directory, `root` set to it, and `say`.
 
 # --- PostgreSQL -------------------------------------------------------------------------------
@@ -53,6 +54,24 @@ if [ ! -d "$root/target/tus-js/node_modules/tus-js-client" ]; then
   say "Installing tus-js-client into $root/target/tus-js"
   npm install --prefix "$root/target/tus-js" --no-audit --no-fund --silent tus-js-client@4
 fi
+# --- a real browser for the demo page's test: Debian's chromium, driven by playwright-core ------
+if [ ! -x /usr/bin/chromium ]; then
+  say "Installing Debian's chromium (the demo page is tested in a real browser)"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  elif command -v sudo >/dev/null; then
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
+fi
+if [ ! -x /usr/bin/chromium ]; then
+  echo "chromium is missing (the demo page's browser test needs it): apt-get install chromium" >&2
+  exit 1
+fi
+if [ ! -d "$root/target/browser-tools/node_modules/playwright-core" ]; then
+  say "Installing playwright-core into $root/target/browser-tools"
+  npm install --prefix "$root/target/browser-tools" --no-audit --no-fund --silent playwright-core@1
+fi
+export MEDRELAY_BROWSER_TOOLS="$root/target/browser-tools/node_modules"
 export MEDRELAY_TEST_PYTHON="$venv/bin/python"
 export MEDRELAY_TUS_JS="$root/target/tus-js/node_modules"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')

@@ -308,6 +308,10 @@ pub struct Settings {
     /// Where FCM's HTTP v1 API is (tests point it at a local mock).
     #[serde(deserialize_with = "loose_string")]
     pub fcm_base_url: String,
+    /// Serve the demo page at `/demo`. Unset: on with the embedded defaults, off on
+    /// PostgreSQL or S3.
+    #[serde(default)]
+    pub demo: Option<bool>,
 }
 
 impl fmt::Debug for Settings {
@@ -356,6 +360,7 @@ impl fmt::Debug for Settings {
             .field("roles", &self.roles)
             .field("fcm_credentials_file", &self.fcm_credentials_file)
             .field("fcm_base_url", &self.fcm_base_url)
+            .field("demo", &self.demo)
             .finish_non_exhaustive()
     }
 }
@@ -416,6 +421,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "log_format",
     "fcm_credentials_file",
     "fcm_base_url",
+    "demo",
 ];
 
 /// Command-line overrides, as the CLI collected them (each `None` when not given).
@@ -556,6 +562,21 @@ impl Settings {
 
     /// Whether this is a shared deployment (PostgreSQL or S3), where every instance must use
     /// the same configured keys and none may be generated.
+    /// Whether `/demo` is served: as configured, else only on a single machine's embedded
+    /// defaults (SQLite and a local folder).
+    pub fn demo_enabled(&self) -> bool {
+        self.demo.unwrap_or(!self.is_shared_deployment())
+    }
+
+    /// Whether the HS256 token secret is generated on this machine (development): no secret
+    /// configured, no identity provider, no shared deployment.
+    pub fn generates_token_secret(&self) -> bool {
+        self.jwt_secret.is_none()
+            && self.jwt_secret_file.is_none()
+            && self.jwks_url.is_none()
+            && !self.is_shared_deployment()
+    }
+
     pub fn is_shared_deployment(&self) -> bool {
         self.database_url()
             .split(':')

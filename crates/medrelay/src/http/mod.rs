@@ -3,6 +3,7 @@
 //!
 //! Handlers answer with ids and states; only the owner of a job ever receives its result.
 
+mod demo;
 mod documents;
 mod jobs;
 mod ops;
@@ -247,10 +248,13 @@ pub fn router(state: AppState) -> Router {
     };
     let (router, _) = routes.split_for_parts();
     let spec = openapi();
-    let router = router.route(
+    let mut router = router.route(
         "/openapi.json",
         axum::routing::get(move || async move { axum::Json(spec) }),
     );
+    if state.settings.demo_enabled() {
+        router = router.merge(demo::routes(&state.settings));
+    }
     let router = with_layers(router, state);
     // Layers of a router run after its routing; the method must be replaced before.
     Router::new()

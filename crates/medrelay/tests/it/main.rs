@@ -19,6 +19,7 @@ mod binary;
 mod chaos;
 mod claude;
 mod deletion;
+mod demo;
 mod encryption;
 mod expiry;
 mod fuzz;
