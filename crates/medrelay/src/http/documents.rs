@@ -44,7 +44,7 @@ const MULTIPART_OVERHEAD: u64 = 64 * 1024;
     tag = "documents",
     security(("bearer" = [])),
     params(
-        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!#-~]{1,255}$",
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^(\"[!#-~]{1,255}\"|[!#-~]{1,255})$",
             description = "The same key from the same user returns the same job and creates nothing new"),
         ("Push-Token" = Option<String>, Header, pattern = "^[A-Za-z0-9_:.-]{1,4096}$",
             description = "An FCM registration token: when the job ends, this device gets one data-only push (`job_id`, `status`), nothing else. Kept sealed with the job only, deleted with it; ignored where the server has no FCM credentials"),
@@ -457,16 +457,20 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
-    let key = value
-        .to_str()
-        .map_err(|_| ApiError::BadRequest("the Idempotency-Key header must be printable text"))?
-        .trim()
-        .trim_matches('"');
-    if key.is_empty() || key.len() > 255 {
+    // A token or a quoted string (the IETF draft makes it a structured-field string): 1 to 255
+    // visible characters, no quote or space inside.
+    let text = value.as_bytes().trim_ascii();
+    let key = text
+        .strip_prefix(b"\"")
+        .and_then(|t| t.strip_suffix(b"\""))
+        .unwrap_or(text);
+    if key.is_empty() || key.len() > 255 || !key.iter().all(|b| b.is_ascii_graphic() && *b != b'"')
+    {
         return Err(ApiError::BadRequest(
-            "the Idempotency-Key header must have 1 to 255 characters",
+            "the Idempotency-Key header must have 1 to 255 visible characters, without quotes or spaces inside",
         ));
     }
+    let key = std::str::from_utf8(key).expect("ASCII");
     Ok(Some(key.to_owned()))
 }
 
