@@ -66,7 +66,8 @@ const MULTIPART_OVERHEAD: u64 = 64 * 1024;
         (status = 415, description = "Not a PDF, JPEG, PNG or WebP", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "A fair-use limit; carries Retry-After", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds until a slot or a token frees up"))),
-        (status = 503, description = "Storage or database unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage or database unavailable; carries Retry-After", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
     ),
 )]
 pub async fn create_document(

@@ -56,10 +56,13 @@ fn poll_after(job: &Job) -> Option<u64> {
     security(("bearer" = [])),
     params(("id" = String, Path, description = "Job id")),
     responses(
-        (status = 200, description = "The job; while not terminal it carries Retry-After", body = Job),
+        (status = 200, description = "The job; while not terminal it carries Retry-After", body = Job,
+            headers(("Retry-After" = Option<u64>, description = "While the job is not terminal: seconds until a poll is useful"))),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such job (or another user's)", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "The job expired and its data was deleted", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage or database unavailable; carries Retry-After", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
     ),
 )]
 pub async fn get_job(
@@ -90,6 +93,8 @@ pub async fn get_job(
     responses(
         (status = 200, description = "The caller's jobs, newest first", body = JobList),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage or database unavailable; carries Retry-After", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
     ),
 )]
 pub async fn list_jobs(State(state): State<AppState>, user: User) -> Result<Response, ApiError> {
@@ -111,6 +116,8 @@ pub async fn list_jobs(State(state): State<AppState>, user: User) -> Result<Resp
     responses(
         (status = 204, description = "Deleted"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage or database unavailable; carries Retry-After", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
         (status = 404, description = "No such job (or another user's)", body = Problem, content_type = "application/problem+json"),
     ),
 )]
@@ -134,6 +141,8 @@ pub async fn delete_job(
     responses(
         (status = 204, description = "Everything of the caller is deleted"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage or database unavailable; carries Retry-After", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
     ),
 )]
 pub async fn delete_my_data(
@@ -159,7 +168,10 @@ pub async fn delete_my_data(
         (status = 200, description = "text/event-stream of `job` events, each carrying a Job", content_type = "text/event-stream"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such job (or another user's)", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Too many open event streams (per user or per instance); carries Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many open event streams (per user or per instance); carries Retry-After", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
+        (status = 503, description = "Storage or database unavailable; carries Retry-After", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
     ),
 )]
 pub async fn job_events(

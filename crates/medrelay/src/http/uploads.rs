@@ -102,8 +102,10 @@ pub async fn discover(State(state): State<AppState>) -> Response {
         (status = 412, description = "`Tus-Resumable` is not `1.0.0`", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`Upload-Length` over `Tus-Max-Size`", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "The first bytes are not a PDF, JPEG, PNG or WebP (the upload is terminated), or a body that is not `application/offset+octet-stream`", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "A fair-use limit; unfinished uploads count as active jobs", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Storage or database unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "A fair-use limit; unfinished uploads count as active jobs", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
+        (status = 503, description = "Storage or database unavailable; carries Retry-After", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
     ),
 )]
 pub async fn create_upload(
@@ -271,10 +273,13 @@ pub async fn upload_offset(
         (status = 412, description = "`Tus-Resumable` is not `1.0.0`", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Past `Upload-Length`; nothing was kept", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not `application/offset+octet-stream`, or the first bytes are not a PDF, JPEG, PNG or WebP (the upload is terminated)", body = Problem, content_type = "application/problem+json"),
-        (status = 423, description = "Another request is completing the upload; carries Retry-After", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "A fair-use limit (checked again when the last byte makes the job); nothing of the request was kept", body = Problem, content_type = "application/problem+json"),
+        (status = 423, description = "Another request is completing the upload; carries Retry-After", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
+        (status = 429, description = "A fair-use limit (checked again when the last byte makes the job); nothing of the request was kept", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
         (status = 460, description = "The body does not match `Upload-Checksum`; nothing was kept", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Storage or database unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage or database unavailable; carries Retry-After", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
     ),
 )]
 pub async fn append(
@@ -330,8 +335,11 @@ pub async fn append(
         (status = 204, description = "Terminated: every byte of it is gone"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such unfinished upload of this user (a completed one is its job: `DELETE /v1/jobs/{id}`)", body = Problem, content_type = "application/problem+json"),
+        (status = 423, description = "A request is turning the upload into its job; carries Retry-After", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
         (status = 412, description = "`Tus-Resumable` is not `1.0.0`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Storage or database unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage or database unavailable; carries Retry-After", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
     ),
 )]
 pub async fn terminate(
