@@ -568,13 +568,21 @@ impl Settings {
         self.demo.unwrap_or(!self.is_shared_deployment())
     }
 
-    /// Whether the HS256 token secret is generated on this machine (development): no secret
-    /// configured, no identity provider, no shared deployment.
+    /// Whether this is a developer's machine: the HS256 token secret is generated here (no
+    /// secret configured, no identity provider, no shared deployment) and the service listens
+    /// on a loopback address only. The demo's sign-in, which mints a token for any user name,
+    /// exists only then.
     pub fn generates_token_secret(&self) -> bool {
+        let loopback = self
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|addr| addr.ip().is_loopback())
+            || self.listen.starts_with("localhost:");
         self.jwt_secret.is_none()
             && self.jwt_secret_file.is_none()
             && self.jwks_url.is_none()
             && !self.is_shared_deployment()
+            && loopback
     }
 
     pub fn is_shared_deployment(&self) -> bool {

@@ -4,13 +4,14 @@
 //! from anywhere but this server. Served only where `MEDRELAY_DEMO` is on (by default with
 //! the embedded defaults, off on PostgreSQL or S3).
 //!
-//! `POST /demo/token` mints a development token for a user name, only where the token secret
-//! was generated on this machine (never with a configured secret or an identity provider).
+//! `POST /demo/token` mints a development token for a user name, only on a developer's machine:
+//! the token secret generated there (never with a configured secret or an identity provider),
+//! a loopback listen address, and a request whose `Host` and `Origin` name the loopback.
 
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -80,6 +81,25 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
     response
 }
 
+/// Whether `Host` (and `Origin`, when sent) name this machine's loopback.
+fn local_host(headers: &HeaderMap) -> bool {
+    let loopback = |authority: &str| {
+        let host = match authority.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => authority,
+        };
+        matches!(host, "localhost" | "127.0.0.1" | "[::1]")
+    };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    host.is_some_and(loopback)
+        && origin.is_none_or(|o| {
+            o.strip_prefix("http://")
+                .or_else(|| o.strip_prefix("https://"))
+                .is_some_and(loopback)
+        })
+}
+
 #[derive(Deserialize)]
 struct TokenRequest {
     user: String,
@@ -89,8 +109,14 @@ struct TokenRequest {
 /// token secret).
 async fn dev_token(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Json(request): Json<TokenRequest>,
 ) -> Result<Response, ApiError> {
+    // Only for a page of this machine: a web page elsewhere that rebinds its name to the
+    // loopback address (DNS rebinding) sends its own Host and Origin.
+    if !local_host(&headers) {
+        return Err(ApiError::RouteNotFound);
+    }
     let user = request.user.trim();
     let valid = (1..=64).contains(&user.len())
         && user

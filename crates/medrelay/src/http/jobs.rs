@@ -168,6 +168,7 @@ pub async fn delete_my_data(
         (status = 200, description = "text/event-stream of `job` events, each carrying a Job", content_type = "text/event-stream"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such job (or another user's)", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "The job expired and its data was deleted", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Too many open event streams (per user or per instance); carries Retry-After", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
         (status = 503, description = "Storage or database unavailable; carries Retry-After", body = Problem, content_type = "application/problem+json",

@@ -217,8 +217,9 @@ fn add_links(api: &mut utoipa::openapi::OpenApi) {
             ),
         ],
     );
-    // The upload's id, from its Location (schemathesis reads the `#regex:` suffix; other
-    // tools see the header).
+    // The upload's id, from its Location. The `#regex:` suffix is schemathesis's extension of
+    // runtime expressions (OpenAPI has none that takes part of a header); the description says
+    // it in words for other tools.
     let upload_id = "$response.header.Location#regex:/v1/uploads/(.+)";
     follow(
         api,

@@ -211,6 +211,7 @@ pub async fn create_upload(
         (status = 404, description = "No such upload of this user (terminated, refused, expired and swept, or another user's)"),
         (status = 410, description = "Expired, not yet swept"),
         (status = 412, description = "`Tus-Resumable` is not `1.0.0`"),
+        (status = 503, description = "Storage or database unavailable"),
     ),
 )]
 pub async fn upload_offset(

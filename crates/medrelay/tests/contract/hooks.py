@@ -62,7 +62,8 @@ def before_call(ctx, case, **kwargs):
     headers = case.headers or {}
     checksum = headers.get("Upload-Checksum")
     mode = getattr(getattr(case.meta, "generation", None), "mode", None) if case.meta else None
-    if checksum is None or CHECKSUM.match(checksum) or str(mode).lower().endswith("negative"):
+    # Only a case known to be positive is touched.
+    if checksum is None or CHECKSUM.match(checksum) or not str(mode).lower().endswith("positive"):
         return
     import hashlib
 

@@ -194,6 +194,58 @@ async fn the_demo_is_off_where_asked_and_its_sign_in_only_with_a_generated_secre
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     app.stop().await;
+    // A developer's machine: the sign-in, for pages of this machine only (DNS rebinding).
+    let app = TestApp::spawn_with(Backend::SqliteFolder, |s| s.jwt_secret = None).await;
+    let sign_in = |host: Option<&str>, origin: Option<&str>| {
+        let mut request = app
+            .http
+            .post(app.url("/demo/token"))
+            .json(&serde_json::json!({"user": "dev"}));
+        if let Some(host) = host {
+            request = request.header("host", host);
+        }
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        request.send()
+    };
+    let r = sign_in(None, None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let token: Value = r.json().await.unwrap();
+    assert!(
+        token["token"]
+            .as_str()
+            .is_some_and(|t| t.split('.').count() == 3)
+    );
+    let local = app.addr.trim_start_matches("http://").to_owned();
+    let r = sign_in(None, Some(&format!("http://{local}")))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    for (host, origin) in [
+        (Some("evil.example:8080"), None),
+        (None, Some("http://evil.example")),
+        (Some("127.0.0.1.evil.example"), None),
+    ] {
+        let r = sign_in(host, origin).await.unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{host:?} {origin:?}");
+    }
+    app.stop().await;
+    // Listening beyond the loopback: no sign-in, whatever the secret.
+    let app = TestApp::spawn_with(Backend::SqliteFolder, |s| {
+        s.jwt_secret = None;
+        s.listen = "0.0.0.0:0".into();
+    })
+    .await;
+    let r = app
+        .http
+        .post(app.url("/demo/token"))
+        .json(&serde_json::json!({"user": "dev"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    app.stop().await;
     // Turned off: no page.
     let app = TestApp::spawn_with(Backend::SqliteFolder, |s| s.demo = Some(false)).await;
     assert_eq!(

@@ -8,6 +8,7 @@ let job = null;
 let lastFile = null;
 let follow = null;
 let expiryTimer = null;
+let sending = null;
 
 function show(id, visible) { $(id).hidden = !visible; }
 
@@ -61,6 +62,8 @@ $("token-signin").addEventListener("submit", (e) => {
 // --- upload ----------------------------------------------------------------------------------
 
 function upload(file) {
+  // One upload at a time: a new one replaces the one still running.
+  if (sending) sending.abort();
   lastFile = file;
   show("upload-error", false);
   show("job", false);
@@ -68,11 +71,13 @@ function upload(file) {
   bar.value = 0;
   show("progress", true);
   const xhr = new XMLHttpRequest();
+  sending = xhr;
   xhr.open("POST", "/v1/documents");
   xhr.setRequestHeader("Authorization", "Bearer " + token);
   xhr.setRequestHeader("Content-Type", file.type || "application/octet-stream");
   xhr.upload.onprogress = (e) => { if (e.lengthComputable) bar.value = Math.round((100 * e.loaded) / e.total); };
   xhr.onload = () => {
+    sending = null;
     show("progress", false);
     let body = null;
     try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
@@ -84,6 +89,7 @@ function upload(file) {
     startJob(body);
   };
   xhr.onerror = () => {
+    sending = null;
     show("progress", false);
     $("upload-error").textContent = "The connection broke off. Please check your network and try again.";
     show("upload-error", true);
@@ -91,7 +97,12 @@ function upload(file) {
   xhr.send(file);
 }
 
-$("file").addEventListener("change", () => { if ($("file").files[0]) upload($("file").files[0]); });
+$("file").addEventListener("change", () => {
+  const file = $("file").files[0];
+  // Cleared, so that choosing the same file again (after an error) sends it again.
+  $("file").value = "";
+  if (file) upload(file);
+});
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
@@ -113,7 +124,7 @@ function startJob(first) {
   show("failure", false);
   render(first);
   clearInterval(expiryTimer);
-  expiryTimer = setInterval(() => job && renderExpiry(job), 1000);
+  expiryTimer = setInterval(() => job && renderTimes(job), 1000);
   follow = new AbortController();
   followEvents(first.id, follow.signal);
 }
@@ -130,7 +141,7 @@ async function followEvents(id, signal) {
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
-      buffer += decoder.decode(value, { stream: true });
+      buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
       let end;
       while ((end = buffer.indexOf("\n\n")) >= 0) {
         const frame = buffer.slice(0, end);
@@ -146,16 +157,40 @@ async function followEvents(id, signal) {
 }
 
 async function poll(id, signal) {
+  let backoff = 1;
   while (!signal.aborted) {
     const r = await api(`/v1/jobs/${id}`, { signal }).catch(() => null);
-    if (!r) return;
-    if (r.status !== 200) { return; }
-    const body = await r.json();
-    render(body);
-    if (isTerminal(body)) return;
-    const wait = Number(r.headers.get("Retry-After") || "1");
+    if (signal.aborted) return;
+    let wait = backoff;
+    if (r && r.status === 200) {
+      const body = await r.json();
+      render(body);
+      if (isTerminal(body)) return;
+      wait = Number(r.headers.get("Retry-After") || "1");
+      backoff = 1;
+    } else if (r && (r.status === 404 || r.status === 410)) {
+      gone(r.status === 410 ? "expired" : "deleted");
+      return;
+    } else {
+      // Offline, overloaded (429) or unavailable (503): try again, later each time.
+      wait = Number((r && r.headers.get("Retry-After")) || backoff);
+      backoff = Math.min(backoff * 2, 30);
+    }
     await new Promise((ok) => setTimeout(ok, Math.max(1, wait) * 1000));
   }
+}
+
+// The job no longer exists: deleted (here or elsewhere) or past its hour.
+function gone(how) {
+  clearInterval(expiryTimer);
+  show("result", false);
+  show("failure", false);
+  show("delete", false);
+  $("status").textContent = how;
+  $("status").dataset.status = how;
+  $("retry-in").textContent = "";
+  $("expires").textContent = "0 min 0 s";
+  show("deleted", true);
 }
 
 function isTerminal(j) { return j && (j.status === "succeeded" || j.status === "failed"); }
@@ -172,13 +207,7 @@ function render(j) {
   job = j;
   $("status").textContent = STATUS[j.status] || j.status;
   $("status").dataset.status = j.status;
-  if (j.status === "retry_scheduled" && j.next_attempt_at) {
-    const secs = Math.max(0, Math.round((Date.parse(j.next_attempt_at) - Date.now()) / 1000));
-    $("retry-in").textContent = `(retry in ${secs} s)`;
-  } else {
-    $("retry-in").textContent = "";
-  }
-  renderExpiry(j);
+  renderTimes(j);
   if (j.status === "failed" && j.error) {
     $("failure-message").textContent = j.error.message;
     $("retry").hidden = !j.error.retryable || !lastFile;
@@ -187,9 +216,17 @@ function render(j) {
   if (j.status === "succeeded" && j.result) renderResult(j.result);
 }
 
-function renderExpiry(j) {
+// The countdowns, every second: to the next attempt, and to the deletion of everything.
+function renderTimes(j) {
+  if (j.status === "retry_scheduled" && j.next_attempt_at) {
+    const wait = Math.max(0, Math.round((Date.parse(j.next_attempt_at) - Date.now()) / 1000));
+    $("retry-in").textContent = `(retry in ${wait} s)`;
+  } else {
+    $("retry-in").textContent = "";
+  }
   const secs = Math.max(0, Math.round((Date.parse(j.expires_at) - Date.now()) / 1000));
   $("expires").textContent = `${Math.floor(secs / 60)} min ${secs % 60} s`;
+  if (secs === 0) gone("expired");
 }
 
 function cell(row, text, className) {
@@ -240,17 +277,17 @@ $("retry").addEventListener("click", () => { if (lastFile) upload(lastFile); });
 
 $("delete").addEventListener("click", async () => {
   if (!job) return;
-  if (follow) follow.abort();
-  const r = await api(`/v1/jobs/${job.id}`, { method: "DELETE" });
-  if (r.status === 204) {
-    clearInterval(expiryTimer);
-    show("result", false);
-    show("failure", false);
-    show("delete", false);
-    $("status").textContent = "deleted";
-    $("status").dataset.status = "deleted";
-    $("expires").textContent = "0 min 0 s";
-    show("deleted", true);
+  const id = job.id;
+  const r = await api(`/v1/jobs/${id}`, { method: "DELETE" }).catch(() => null);
+  if (!job || job.id !== id) return;
+  // Gone either way: deleted now, or already deleted or expired.
+  if (r && (r.status === 204 || r.status === 404 || r.status === 410)) {
+    if (follow) follow.abort();
+    gone("deleted");
+  } else {
+    $("failure-message").textContent = "Deleting did not work right now. Please try again in a moment.";
+    $("retry").hidden = true;
+    show("failure", true);
   }
 });
 
