@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::schema::{DocumentForm, FileBytes};
+use super::schema::DocumentForm;
 use crate::auth::User;
 use crate::clock::now_millis;
 use crate::error::{ApiError, Problem};
@@ -50,9 +50,8 @@ const MULTIPART_OVERHEAD: u64 = 64 * 1024;
             description = "An FCM registration token: when the job ends, this device gets one data-only push (`job_id`, `status`), nothing else. Kept sealed with the job only, deleted with it; ignored where the server has no FCM credentials"),
     ),
     request_body(
-        description = "The file's bytes, or multipart/form-data with one part named `file`. The type is decided from the bytes, so the body may carry the file's own type (`application/pdf`, `image/jpeg`, `image/png`, `image/webp`) or `application/octet-stream`",
+        description = "A multipart form with one part named `file`. The file's bytes as the whole body are accepted too, under any content type (the type is decided from the bytes; `curl --data-binary`); this document describes the form, which every generated client builds correctly (dart-dio makes a broken call of a raw body listed beside a form)",
         content(
-            (FileBytes = "application/octet-stream"),
             (DocumentForm = "multipart/form-data"),
         ),
     ),

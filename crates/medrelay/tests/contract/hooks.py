@@ -40,7 +40,8 @@ assert PDFS, f"no PDF in {CORPUS}"
 pdfs = st.sampled_from(PDFS)
 documents = st.sampled_from(PDFS[:4] + [_png(), JPEG, WEBP])
 
-# `POST /v1/documents` (raw, and the multipart form's `file` part) takes any of the four.
+# `POST /v1/documents` takes any of the four as its multipart form's `file` part (declared
+# `application/octet-stream`).
 schemathesis.openapi.media_type("application/octet-stream", documents)
 # tus: the bytes of a document from its first byte (a PATCH at another offset is a 409 anyway).
 schemathesis.openapi.media_type("application/offset+octet-stream", pdfs)
