@@ -169,16 +169,26 @@ impl Limits {
     /// lasts takes a slot of the user's with [`Admission::hold_slot`], and the job's insert
     /// checks again with the user locked ([`Admission::at_insert`]).
     pub async fn admit_upload(&self, prefix: &UserPrefix) -> Result<Admission, Error> {
+        self.admit_upload_with(prefix, 0).await
+    }
+
+    /// [`Limits::admit_upload`], with `jobs_to_be` more active jobs than the database counts.
+    async fn admit_upload_with(
+        &self,
+        prefix: &UserPrefix,
+        jobs_to_be: i64,
+    ) -> Result<Admission, Error> {
         let instance = self
             .uploads
             .clone()
             .try_acquire_owned()
             .map_err(|_| refused(Limit::InstanceUploads, UPLOAD_SLOT_RETRY))?;
         let now = now_millis();
-        let usage = self
+        let mut usage = self
             .db
             .usage(prefix, SlotKind::Upload, now, now - HOUR_MS)
             .await?;
+        usage.active_jobs += jobs_to_be;
         upload_decision(&self.rules, &usage, now, Uploading::Starts).map_err(Error::Refused)?;
         Ok(Admission {
             limits: self.clone(),
@@ -193,18 +203,8 @@ impl Limits {
     /// (so that a client cannot open uploads without bound). Holds nothing afterwards: each
     /// request of the upload is admitted as an upload of its own.
     pub async fn admit_resumable_upload(&self, prefix: &UserPrefix) -> Result<(), Error> {
-        let admission = self.admit_upload(prefix).await?;
-        admission.release().await;
-        let now = now_millis();
-        let open = self.db.count_open_uploads(prefix, now).await?;
-        let usage = self
-            .db
-            .usage(prefix, SlotKind::Upload, now, now - HOUR_MS)
-            .await?;
-        if open + usage.active_jobs >= self.rules.user_active_jobs {
-            let refusal = refused(Limit::UserActiveJobs, ACTIVE_JOB_RETRY);
-            return Err(refusal);
-        }
+        let open = self.db.count_open_uploads(prefix, now_millis()).await?;
+        self.admit_upload_with(prefix, open).await?.release().await;
         Ok(())
     }
 

@@ -32,7 +32,7 @@ use crate::push::PushToken;
 use crate::state::AppState;
 
 /// An upload that sends nothing for this long is cut off (slow-loris protection).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Multipart framing around the file part: boundaries and part headers.
 const MULTIPART_OVERHEAD: u64 = 64 * 1024;
 
@@ -78,15 +78,7 @@ pub async fn create_document(
     let headers = request.headers().clone();
     // No document, no job: not even the replay of one (an idempotency key names an upload of
     // a document, not an empty request).
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let empty = match declared {
-        Some(n) => n == 0,
-        None => axum::body::HttpBody::is_end_stream(request.body()),
-    };
-    if empty {
+    if !has_body(&headers, request.body()) {
         return Err(ApiError::EmptyDocument);
     }
 
@@ -451,6 +443,18 @@ fn accepted(job: Job) -> Response {
         response.headers_mut().insert(header::LOCATION, value);
     }
     response
+}
+
+/// Whether a request carries a body (HTTP/1 with a length or chunked, HTTP/2 with data).
+pub(super) fn has_body(headers: &HeaderMap, body: &axum::body::Body) -> bool {
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match length {
+        Some(n) => n > 0,
+        None => !axum::body::HttpBody::is_end_stream(body),
+    }
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {

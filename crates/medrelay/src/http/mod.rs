@@ -87,7 +87,7 @@ fn ops_routes() -> OpenApiRouter<AppState> {
 /// The OpenAPI document, generated from the handlers.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut api = api_router().into_openapi();
-    add_links(&mut api);
+    refine_openapi(&mut api);
     api.paths.paths.insert(
         "/openapi.json".into(),
         utoipa::openapi::path::PathItem::new(
@@ -107,7 +107,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// operations on the job (or upload) it made, so that clients and contract fuzzers follow a
 /// real job instead of guessing ids; the type of the multipart form's `file` part; and optional
 /// headers that are absent rather than `null`.
-fn add_links(api: &mut utoipa::openapi::OpenApi) {
+fn refine_openapi(api: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::RefOr;
     use utoipa::openapi::link::LinkBuilder;
     let link = |operation: &str, id: &str, description: &str| {

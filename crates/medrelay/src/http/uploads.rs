@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use futures::StreamExt;
 
-use super::documents::{Pace, SharedBody, push_token};
+use super::documents::{IDLE_TIMEOUT, Pace, SharedBody, has_body, push_token};
 use super::schema::{FileBytes, TusVersion};
 use crate::auth::User;
 use crate::clock::now_millis;
@@ -30,8 +30,6 @@ const TUS_VERSION: &str = "1.0.0";
 const TUS_EXTENSIONS: &str = "creation,creation-with-upload,expiration,termination,checksum";
 /// The content type of every request body that carries upload bytes.
 const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
-/// A request that sends nothing for this long is ended; what it sent is kept.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 const TUS_RESUMABLE: HeaderName = HeaderName::from_static("tus-resumable");
 const UPLOAD_OFFSET: HeaderName = HeaderName::from_static("upload-offset");
@@ -500,18 +498,6 @@ fn offset_octet_stream(headers: &HeaderMap) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::UploadContentType)
-    }
-}
-
-/// Whether a request carries a body (HTTP/1 with a length or chunked, HTTP/2 with data).
-fn has_body(headers: &HeaderMap, body: &Body) -> bool {
-    let length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    match length {
-        Some(n) => n > 0,
-        None => !axum::body::HttpBody::is_end_stream(body),
     }
 }
 

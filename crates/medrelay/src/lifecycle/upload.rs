@@ -525,14 +525,7 @@ impl Appending {
 
     fn open_part(&self) -> Result<PartWriter, UploadError> {
         let start = self.offset() as u64;
-        let random = crypto::random_bytes(4).map_err(Error::Internal)?;
-        let name = format!(
-            "{start:012x}-{}",
-            random
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        );
+        let name = format!("{start:012x}-{}", random_hex(4)?);
         let lifecycle = &self.lifecycle;
         let sealer = lifecycle
             .part_sealer(&self.key, &self.row.user_prefix, &self.row.id, &name)
@@ -689,11 +682,11 @@ impl Appending {
         let lifecycle = self.lifecycle.clone();
         let db = lifecycle.db();
         let id = self.row.id.clone();
-        let token = match crypto::random_bytes(16) {
-            Ok(bytes) => bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        let token = match random_hex(16) {
+            Ok(token) => token,
             Err(e) => {
                 self.abandon().await;
-                return Err(Error::Internal(e).into());
+                return Err(e.into());
             }
         };
         let now = now_millis();
@@ -832,4 +825,10 @@ async fn assemble_and_commit<E>(
         incoming.keep_sealed_push_token(sealed);
     }
     Ok(incoming.commit(None, own_slot, caps, refused).await?)
+}
+
+/// `len` random bytes as lowercase hex (part names, completion tokens).
+fn random_hex(len: usize) -> Result<String, Error> {
+    let bytes = crypto::random_bytes(len).map_err(Error::Internal)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
