@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use medrelay::config::{Overrides, Settings, duration};
 use medrelay::ids::UserId;
 use medrelay::model::DeletionReason;
-use medrelay::processor::{Document, ProcessError, Sniffed, sniff};
+use medrelay::processor::{Document, ProcessError, Sniffed, admit};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -132,6 +132,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     medrelay::telemetry::init(&settings.log_format);
     tracing::info!(settings = ?settings, "starting");
+    if !settings.heic {
+        tracing::warn!(
+            "HEIC photos are off: an iPhone's HEIC photo is refused (415) with advice to send \
+             JPEG. Set MEDRELAY_HEIC=true (or heic = true in the configuration file) to accept \
+             and convert them"
+        );
+    }
     let mut running = medrelay::app::start(settings).await?;
     {
         let mut out = std::io::stdout().lock();
@@ -167,9 +174,10 @@ async fn process(settings: Settings, file: &PathBuf) -> anyhow::Result<()> {
     );
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     anyhow::ensure!(!bytes.is_empty(), "the file is empty");
-    let media_type = match sniff(&bytes) {
+    let media_type = match admit(&bytes, settings.heic) {
         Sniffed::Accepted(m) => m,
-        Sniffed::Heic => anyhow::bail!("HEIC photos are not supported by this build; send JPEG"),
+        Sniffed::Heic => anyhow::bail!("HEIC photos are switched off (MEDRELAY_HEIC=false)"),
+        Sniffed::Avif => anyhow::bail!("AVIF photos are not supported: send JPEG"),
         Sniffed::Unsupported => {
             anyhow::bail!("unsupported file type: send a PDF, JPEG, PNG or WebP")
         }

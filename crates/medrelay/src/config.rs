@@ -266,6 +266,8 @@ pub struct Settings {
     pub pdf_max_depth: u32,
     /// Pixels of one photo.
     pub image_max_pixels: u64,
+    /// Accept HEIC/HEIF photos (converted in the sandbox); off: 415 with advice.
+    pub heic: bool,
     /// Uploads one user may send at once.
     pub user_concurrent_uploads: u32,
     /// Jobs of one user queued, processing or waiting for a retry at once.
@@ -403,6 +405,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "pdf_max_objects",
     "pdf_max_depth",
     "image_max_pixels",
+    "heic",
     "user_concurrent_uploads",
     "user_active_jobs",
     "user_uploads_per_hour",

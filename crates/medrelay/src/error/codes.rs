@@ -76,8 +76,10 @@ pub struct Spec {
     pub job: Option<JobEnd>,
 }
 
-/// The 415 detail for HEIC/HEIF photos, which this build cannot convert (same code).
-pub const HEIC_DETAIL: &str = "HEIC photos are not supported yet. Please send the photo as JPEG: on iPhone, choose Settings > Camera > Formats > Most Compatible, or share the photo as JPEG.";
+/// The 415 detail for HEIC photos where the service has them switched off (same code).
+pub const HEIC_DETAIL: &str = "HEIC photos are not accepted here. Please send the photo as JPEG: on iPhone, choose Settings > Camera > Formats > Most Compatible, or share the photo as JPEG.";
+/// The 415 detail for AVIF photos, which no decoder here reads (same code).
+pub const AVIF_DETAIL: &str = "AVIF photos are not supported. Please send the photo as JPEG: most phones can share a photo as JPEG, or save it in the most compatible format.";
 
 const fn http(
     status: u16,
@@ -338,11 +340,11 @@ impl Code {
                 http: http(
                     415,
                     "Unsupported file type",
-                    "This file type is not supported. Please send a PDF or a photo (JPEG, PNG or WebP).",
-                    "not a PDF, JPEG, PNG or WebP (HEIC/HEIF too, with advice to send JPEG)",
+                    "This file type is not supported. Please send a PDF or a photo (JPEG, PNG, WebP or HEIC).",
+                    "not a PDF, JPEG, PNG, WebP or HEIC; AVIF, and HEIC where `MEDRELAY_HEIC` is off, with advice to send JPEG",
                 ),
                 job: job(
-                    "This file type is not supported. Please send a PDF or a photo (JPEG, PNG or WebP).",
+                    "This file type is not supported. Please send a PDF or a photo (JPEG, PNG, WebP or HEIC).",
                     "the processor cannot take this type",
                 ),
             },

@@ -50,8 +50,10 @@ pub enum ApiError {
     TooLarge { limit: u64 },
     #[error("unsupported media type")]
     UnsupportedMediaType,
-    #[error("heic not supported")]
+    #[error("heic switched off")]
     HeicUnsupported,
+    #[error("avif not supported")]
+    AvifUnsupported,
     #[error("upload timed out")]
     UploadTimeout,
     /// A fair-use limit: what the patient reads, and seconds until trying again is useful.
@@ -104,9 +106,9 @@ impl ApiError {
             ApiError::MissingFile => Code::MissingFile,
             ApiError::BadRequest(_) => Code::BadRequest,
             ApiError::TooLarge { .. } => Code::DocumentTooLarge,
-            ApiError::UnsupportedMediaType | ApiError::HeicUnsupported => {
-                Code::UnsupportedMediaType
-            }
+            ApiError::UnsupportedMediaType
+            | ApiError::HeicUnsupported
+            | ApiError::AvifUnsupported => Code::UnsupportedMediaType,
             ApiError::UploadTimeout => Code::UploadTimeout,
             ApiError::TooManyRequests { .. } => Code::TooManyRequests,
             ApiError::UploadNotFound => Code::UploadNotFound,
@@ -130,6 +132,7 @@ impl ApiError {
         let template = self.code().http().detail;
         match self {
             ApiError::HeicUnsupported => codes::HEIC_DETAIL.into(),
+            ApiError::AvifUnsupported => codes::AVIF_DETAIL.into(),
             ApiError::TooManyRequests { detail, .. } => (*detail).into(),
             ApiError::BadRequest(what) => template.replace("{what}", what),
             ApiError::TooLarge { limit } => {

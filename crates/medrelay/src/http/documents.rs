@@ -27,7 +27,7 @@ use crate::lifecycle::Incoming;
 use crate::limits::{Admission, UPLOAD_SLOT_AFTER};
 use crate::model::Job;
 use crate::processor::sniff::SNIFF_LEN;
-use crate::processor::{Sniffed, sniff};
+use crate::processor::{Sniffed, admit};
 use crate::push::PushToken;
 use crate::state::AppState;
 
@@ -36,7 +36,7 @@ pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Multipart framing around the file part: boundaries and part headers.
 const MULTIPART_OVERHEAD: u64 = 64 * 1024;
 
-/// Upload a document (PDF, JPEG, PNG or WebP) as the raw body or as the `file` part of a
+/// Upload a document (PDF, JPEG, PNG, WebP or HEIC) as the raw body or as the `file` part of a
 /// multipart form.
 #[utoipa::path(
     post,
@@ -62,7 +62,7 @@ const MULTIPART_OVERHEAD: u64 = 64 * 1024;
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The upload stalled, was too slow or ran past its deadline", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Larger than MEDRELAY_MAX_UPLOAD_BYTES", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not a PDF, JPEG, PNG or WebP", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not a PDF, JPEG, PNG, WebP or HEIC (AVIF, and HEIC where switched off, with advice to send JPEG)", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "A fair-use limit; carries Retry-After", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds until a slot or a token frees up"))),
         (status = 503, description = "Storage or database unavailable; carries Retry-After", body = Problem, content_type = "application/problem+json",
@@ -521,10 +521,9 @@ where
     if head.is_empty() {
         return Err(ApiError::EmptyDocument);
     }
-    let media_type = match sniff(&head) {
+    let media_type = match admit(&head, state.lifecycle.rules().heic) {
         Sniffed::Accepted(m) => m,
-        Sniffed::Heic => return Err(ApiError::HeicUnsupported),
-        Sniffed::Unsupported => return Err(ApiError::UnsupportedMediaType),
+        refused => return Err(refusal(refused)),
     };
 
     let mut incoming = state.lifecycle.accept(&user.id, media_type, started)?;
@@ -564,6 +563,15 @@ where
             tracing::info!(error = %e, "the upload was interrupted");
             Err(ApiError::BadRequest("the upload was interrupted"))
         }
+    }
+}
+
+/// A type refused by its first bytes, as the app reads it (an accepted one is never refused).
+pub(super) fn refusal(refused: Sniffed) -> ApiError {
+    match refused {
+        Sniffed::Heic => ApiError::HeicUnsupported,
+        Sniffed::Avif => ApiError::AvifUnsupported,
+        Sniffed::Accepted(_) | Sniffed::Unsupported => ApiError::UnsupportedMediaType,
     }
 }
 

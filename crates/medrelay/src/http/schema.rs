@@ -15,7 +15,7 @@ pub struct FileBytes(#[allow(dead_code)] Vec<u8>);
 #[derive(ToSchema, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DocumentForm {
-    /// The document: a PDF, JPEG, PNG or WebP (the type is decided from its bytes).
+    /// The document: a PDF, JPEG, PNG, WebP or HEIC (the type is decided from its bytes).
     #[schema(value_type = String, format = Binary)]
     #[allow(dead_code)]
     pub file: Vec<u8>,

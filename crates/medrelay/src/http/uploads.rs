@@ -21,7 +21,6 @@ use crate::clock::now_millis;
 use crate::error::{ApiError, Problem};
 use crate::ids::JobId;
 use crate::lifecycle::{Appending, Checksum, UploadError, UploadState};
-use crate::processor::Sniffed;
 use crate::state::AppState;
 
 /// The protocol version this server speaks.
@@ -99,7 +98,7 @@ pub async fn discover(State(state): State<AppState>) -> Response {
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "`Tus-Resumable` is not `1.0.0`", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`Upload-Length` over `Tus-Max-Size`", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "The first bytes are not a PDF, JPEG, PNG or WebP (the upload is terminated), or a body that is not `application/offset+octet-stream`", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The first bytes are not a PDF, JPEG, PNG, WebP or HEIC (the upload is terminated), or a body that is not `application/offset+octet-stream`", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "A fair-use limit; unfinished uploads count as active jobs", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
         (status = 503, description = "Storage or database unavailable; carries Retry-After", body = Problem, content_type = "application/problem+json",
@@ -271,7 +270,7 @@ pub async fn upload_offset(
         (status = 410, description = "Expired", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "`Tus-Resumable` is not `1.0.0`", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Past `Upload-Length`; nothing was kept", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not `application/offset+octet-stream`, or the first bytes are not a PDF, JPEG, PNG or WebP (the upload is terminated)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not `application/offset+octet-stream`, or the first bytes are not a PDF, JPEG, PNG, WebP or HEIC (the upload is terminated)", body = Problem, content_type = "application/problem+json"),
         (status = 423, description = "Another request is completing the upload; carries Retry-After", body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds until trying again is useful"))),
         (status = 429, description = "A fair-use limit (checked again when the last byte makes the job); nothing of the request was kept", body = Problem, content_type = "application/problem+json",
@@ -469,8 +468,7 @@ fn api_error(e: UploadError) -> ApiError {
         UploadError::OffsetMismatch { current } => ApiError::UploadOffsetMismatch { current },
         UploadError::Busy => ApiError::UploadBusy,
         UploadError::BeyondLength => ApiError::UploadLengthExceeded,
-        UploadError::Refused(Sniffed::Heic) => ApiError::HeicUnsupported,
-        UploadError::Refused(_) => ApiError::UnsupportedMediaType,
+        UploadError::Refused(refused) => super::documents::refusal(refused),
         UploadError::ChecksumMismatch => ApiError::ChecksumMismatch,
         UploadError::Interrupted => ApiError::BadRequest("the request was interrupted"),
         UploadError::TooManyParts => {

@@ -69,6 +69,8 @@ pub struct Rules {
     pub lease: Duration,
     /// How often the sweeper runs (objects past the TTL by more than this are an alarm).
     pub sweep_interval: Duration,
+    /// Whether HEIC photos are accepted (else refused with advice to send JPEG).
+    pub heic: bool,
 }
 
 impl Rules {
@@ -78,6 +80,7 @@ impl Rules {
             retry_delays: settings.retry_delays.0.clone(),
             lease: settings.lease,
             sweep_interval: settings.sweep_interval,
+            heic: settings.heic,
         }
     }
 

@@ -27,7 +27,7 @@ use crate::db::{Append, InsertCaps, NewUpload, UploadRow, Usage};
 use crate::ids::{JobId, UserId, UserPrefix};
 use crate::model::Job;
 use crate::processor::sniff::SNIFF_LEN;
-use crate::processor::{MediaType, Sniffed, sniff};
+use crate::processor::{MediaType, Sniffed, admit};
 use crate::push::PushToken;
 use crate::store::{ObjectWriter, Store};
 
@@ -508,7 +508,7 @@ impl Appending {
         let Some(head) = self.head.take() else {
             return Ok(());
         };
-        match sniff(&head) {
+        match admit(&head, self.lifecycle.rules().heic) {
             Sniffed::Accepted(media_type) => {
                 self.media_type = Some(media_type);
                 Ok(())

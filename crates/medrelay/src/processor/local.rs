@@ -51,7 +51,7 @@ impl Processor for LocalProcessor {
 pub fn analyze(document: &Document, limits: &ParseLimits) -> Result<DocumentResult, ProcessError> {
     match document.media_type {
         MediaType::Pdf => analyze_pdf(&document.bytes, limits),
-        MediaType::Jpeg | MediaType::Png | MediaType::Webp => {
+        MediaType::Jpeg | MediaType::Png | MediaType::Webp | MediaType::Heic => {
             analyze_image(&document.bytes, document.media_type, limits)
         }
     }

@@ -25,7 +25,7 @@ use crate::config::{ProcessorKind, Settings};
 use crate::error::Code;
 use crate::model::{DocumentResult, JobError};
 
-pub use sniff::{MediaType, Sniffed, sniff};
+pub use sniff::{MediaType, Sniffed, admit, sniff};
 
 /// A document in memory. Its `Debug` prints the type and size only.
 #[derive(Clone)]

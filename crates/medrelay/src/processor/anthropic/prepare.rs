@@ -1,7 +1,7 @@
 //! What Claude is sent, made in the sandbox child: a PDF split into parts of at most 100 pages
 //! whose base64 fits a request; a photo decoded within pixel limits, turned upright from its
-//! EXIF orientation, scaled to at most 1568 px on the long edge, and re-encoded as JPEG
-//! (re-encoding drops every metadata block: EXIF, GPS, XMP).
+//! EXIF orientation (a HEIC photo from its `irot`/`imir`), scaled to at most 1568 px on the
+//! long edge, and re-encoded as JPEG (re-encoding drops every metadata block: EXIF, GPS, XMP).
 
 use std::io::Cursor;
 
@@ -21,7 +21,7 @@ pub fn prepare(
             .into_iter()
             .map(|(pdf, pages)| (Part::Pdf { pages }, pdf))
             .collect()),
-        MediaType::Jpeg | MediaType::Png | MediaType::Webp => {
+        MediaType::Jpeg | MediaType::Png | MediaType::Webp | MediaType::Heic => {
             let photo = prepare_photo(&document.bytes, document.media_type, limits)?;
             let part = Part::Jpeg {
                 width: photo.width,
