@@ -3,7 +3,8 @@
 # postgres, at 127.0.0.1:5432), installs moto into a virtualenv under target/ when missing, and
 # starts moto's S3 on a free loopback port for as long as the calling script runs, and installs
 # the real tus clients (tuspy into the same virtualenv, tus-js-client under target/tus-js) and a
-# real browser (Debian's chromium, playwright-core under target/browser-tools). Exports
+# real browser (Debian's chromium, playwright-core under target/browser-tools), and libheif's
+# heif-enc and heif-convert (Debian's libheif-examples) for the HEIC tests. Exports
 # MEDRELAY_TEST_DATABASE_URL, AWS_ENDPOINT_URL, the AWS_* test credentials, MEDRELAY_TEST_PYTHON,
 # MEDRELAY_TUS_JS and MEDRELAY_BROWSER_TOOLS.
 # Expects: the repository root as the working directory, `root` set to it, and `say`.
@@ -55,13 +56,17 @@ if [ ! -d "$root/target/tus-js/node_modules/tus-js-client" ]; then
   npm install --prefix "$root/target/tus-js" --no-audit --no-fund --silent tus-js-client@4
 fi
 # --- a real browser for the demo page's test: Debian's chromium, driven by playwright-core ------
+# Installs Debian packages (as root, or through sudo); the caller checks what it needed.
+apt_install() {
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  elif command -v sudo >/dev/null; then
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  fi
+}
 if [ ! -x /usr/bin/chromium ]; then
   say "Installing Debian's chromium (the demo page is tested in a real browser)"
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-  elif command -v sudo >/dev/null; then
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-  fi
+  apt_install chromium
 fi
 if [ ! -x /usr/bin/chromium ]; then
   echo "chromium is missing (the demo page's browser test needs it): apt-get install chromium" >&2
@@ -87,4 +92,12 @@ done
 export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
 export AWS_ACCESS_KEY_ID=medrelay-test AWS_SECRET_ACCESS_KEY=medrelay-test AWS_DEFAULT_REGION=us-east-1
 export AWS_ALLOW_HTTP=true
-
+# --- HEIC fixtures: libheif's heif-enc makes the test photos, heif-convert is the reference ------
+if ! command -v heif-enc >/dev/null || ! command -v heif-convert >/dev/null; then
+  say "Installing Debian's libheif-examples (heif-enc makes the HEIC test photos)"
+  apt_install libheif-examples
+fi
+if ! command -v heif-enc >/dev/null || ! command -v heif-convert >/dev/null; then
+  echo "heif-enc is missing (the HEIC tests make their photos with it): apt-get install libheif-examples" >&2
+  exit 1
+fi

@@ -10,7 +10,9 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::claude_mock::{Mock, Reply, extraction};
-use crate::fixtures::{ContentFilter, corpus_dir, corpus_file, png, text_pdf, text_pdf_encoded};
+use crate::fixtures::{
+    ContentFilter, corpus_dir, corpus_file, heif_enc, png, record_jpeg, text_pdf, text_pdf_encoded,
+};
 use crate::harness::{eventually, walk};
 use crate::server::{BIN, Server, wait_terminal};
 
@@ -208,6 +210,58 @@ fn process_prints_the_result_of_one_file_and_stores_nothing() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported"));
+}
+
+#[tokio::test]
+async fn serve_says_once_at_start_that_heic_is_off_and_how_to_turn_it_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let photo = dir.path().join("IMG_0001.HEIC");
+    std::fs::write(&photo, heif_enc(&[&record_jpeg(64, 48, None)], &[])).unwrap();
+    let log_str = log.to_str().unwrap().to_owned();
+    let mut server = Server::start(&[("MEDRELAY_HEIC", "false"), ("TEST_STDERR_FILE", &log_str)]);
+    let token = server.token("iphone");
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/documents", server.addr))
+        .bearer_auth(&token)
+        .body(std::fs::read(&photo).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(server.terminate().success());
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(logged.matches("HEIC photos are off").count(), 1, "{logged}");
+    assert!(logged.contains("MEDRELAY_HEIC=true"), "{logged}");
+
+    // `process` converts it where HEIC is on (the default), and says why not where it is off.
+    let out = Command::new(BIN)
+        .arg("process")
+        .arg(&photo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["document"]["media_type"], "image/heic");
+    assert_eq!(
+        (
+            &result["document"]["pixel_width"],
+            &result["document"]["pixel_height"]
+        ),
+        (&Value::from(64), &Value::from(48))
+    );
+    let out = Command::new(BIN)
+        .arg("process")
+        .arg(&photo)
+        .env("MEDRELAY_HEIC", "false")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MEDRELAY_HEIC"));
 }
 
 #[test]
@@ -463,6 +517,7 @@ async fn debug_logs_carry_no_patient_content() {
         "debug logging was on"
     );
     assert!(logged.contains(id), "logs carry ids");
+    assert!(!logged.contains("HEIC photos are off"), "on by default");
     for canary in [
         text_marker,
         file_marker,

@@ -15,7 +15,7 @@ use crate::fixtures::{
 };
 use crate::harness::{Backend, TestApp, eventually};
 
-async fn claude_app(
+pub(crate) async fn claude_app(
     base: &str,
     delays: &str,
     tweak: impl FnOnce(&mut medrelay::config::Settings),

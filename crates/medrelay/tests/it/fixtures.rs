@@ -821,3 +821,243 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 fn rfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).rposition(|w| w == needle)
 }
+
+/// A photo of a paper record: light paper, dark lines of "text", and a red mark in the top-left
+/// corner that tells which way is up. With `exif` (a TIFF block), the JPEG carries it in APP1.
+pub fn record_jpeg(w: u32, h: u32, exif: Option<Vec<u8>>) -> Vec<u8> {
+    use image::ImageEncoder;
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        if x < w / 5 && y < h / 5 {
+            image::Rgb([220, 20, 20])
+        } else if y % 40 < 6 && x % 97 > 10 && (x / 13 + y / 40) % 3 != 0 {
+            image::Rgb([25, 25, 35])
+        } else {
+            image::Rgb([235, 230, 215])
+        }
+    });
+    let mut out = Vec::new();
+    let mut encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90);
+    if let Some(exif) = exif {
+        encoder.set_exif_metadata(exif).expect("EXIF in a JPEG");
+    }
+    encoder
+        .write_image(img.as_raw(), w, h, image::ExtendedColorType::Rgb8)
+        .expect("encoding a JPEG");
+    out
+}
+
+/// What the GPS position of [`exif_with_gps`] holds as text, to look for in what leaves.
+pub const GPS_CANARY: &[u8] = b"GPS-CANARY-48.8584N";
+
+/// An EXIF (TIFF) block as a phone writes it: orientation 1 and a GPS directory with a
+/// latitude (48° 51' 29.97" N) and, as its map datum, [`GPS_CANARY`].
+pub fn exif_with_gps() -> Vec<u8> {
+    let be16 = |v: u16| v.to_be_bytes();
+    let be32 = |v: u32| v.to_be_bytes();
+    let mut t = b"MM\0\x2a\0\0\0\x08".to_vec();
+    // IFD0 at 8: Orientation, GPS directory pointer.
+    let gps_ifd = 8 + 2 + 2 * 12 + 4;
+    t.extend_from_slice(&be16(2));
+    t.extend_from_slice(&[0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 1, 0, 0]);
+    t.extend_from_slice(&[0x88, 0x25, 0, 4, 0, 0, 0, 1]);
+    t.extend_from_slice(&be32(gps_ifd));
+    t.extend_from_slice(&be32(0));
+    // The GPS directory: LatitudeRef, Latitude (three rationals), MapDatum (text).
+    let latitude = gps_ifd + 2 + 3 * 12 + 4;
+    let datum = latitude + 24;
+    t.extend_from_slice(&be16(3));
+    t.extend_from_slice(&[0, 1, 0, 2, 0, 0, 0, 2, b'N', 0, 0, 0]);
+    t.extend_from_slice(&[0, 2, 0, 5, 0, 0, 0, 3]);
+    t.extend_from_slice(&be32(latitude));
+    t.extend_from_slice(&[0, 0x12, 0, 2]);
+    t.extend_from_slice(&be32(GPS_CANARY.len() as u32 + 1));
+    t.extend_from_slice(&be32(datum));
+    t.extend_from_slice(&be32(0));
+    for (n, d) in [(48u32, 1u32), (51, 1), (2997, 100)] {
+        t.extend_from_slice(&be32(n));
+        t.extend_from_slice(&be32(d));
+    }
+    t.extend_from_slice(GPS_CANARY);
+    t.push(0);
+    t
+}
+
+/// Encodes JPEGs with `heif-enc` (Debian's libheif-examples, x265; libaom with `-A`) into
+/// one HEIF file, the first image primary; `args` adds options (`-t 64`: thumbnails).
+pub fn heif_enc(jpegs: &[&[u8]], args: &[&str]) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let out = dir.path().join(if args.contains(&"-A") {
+        "out.avif"
+    } else {
+        "out.heic"
+    });
+    let mut command = std::process::Command::new("heif-enc");
+    command.args(["-q", "50"]);
+    if !args.contains(&"-A") {
+        // x265's fastest preset: the 6000 x 4500 photo takes seconds, not half a minute.
+        command.args(["-p", "preset=ultrafast"]);
+    }
+    command.args(args);
+    for (i, jpeg) in jpegs.iter().enumerate() {
+        let input = dir.path().join(format!("in{i}.jpg"));
+        std::fs::write(&input, jpeg).expect("writing a fixture");
+        command.arg(input);
+    }
+    let output = command.arg("-o").arg(&out).output().unwrap_or_else(|e| {
+        panic!(
+            "heif-enc did not start ({e}): install Debian's libheif-examples \
+             (apt-get install libheif-examples; scripts/test does)"
+        )
+    });
+    if !output.status.success() {
+        panic!(
+            "heif-enc failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    std::fs::read(out).expect("heif-enc's output")
+}
+
+/// `heif` with transformative properties added to its primary image, as a camera records how
+/// to show the photo: `irot` (quarter turns anticlockwise), then `imir` (axis 0: top to bottom,
+/// 1: left to right) when `mirror` is set. The boxes that hold them grow, and every data
+/// offset in `iloc` moves by the bytes inserted before it (heif-enc's `mdat` follows `meta`).
+pub fn heif_with_transforms(heif: &[u8], quarter_turns: u8, mirror: Option<u8>) -> Vec<u8> {
+    let be = |at: usize, n: usize| {
+        heif[at..at + n]
+            .iter()
+            .fold(0u64, |v, b| (v << 8) | u64::from(*b))
+    };
+    let children = |from: usize, to: usize| {
+        let mut boxes = Vec::new();
+        let mut at = from;
+        while at + 8 <= to {
+            let size = be(at, 4) as usize;
+            boxes.push((heif[at + 4..at + 8].to_vec(), at, size));
+            at += size;
+        }
+        boxes
+    };
+    let find = |boxes: &[(Vec<u8>, usize, usize)], name: &[u8]| {
+        boxes
+            .iter()
+            .find(|(kind, _, _)| kind == name)
+            .map(|(_, at, size)| (*at, *size))
+            .unwrap_or_else(|| panic!("no {} box", String::from_utf8_lossy(name)))
+    };
+    let top = children(0, heif.len());
+    let (meta, meta_size) = find(&top, b"meta");
+    assert!(find(&top, b"mdat").0 > meta, "mdat after meta");
+    let inside = children(meta + 12, meta + meta_size);
+    let (iloc, _) = find(&inside, b"iloc");
+    let (pitm, _) = find(&inside, b"pitm");
+    let (iprp, _) = find(&inside, b"iprp");
+    let in_iprp = children(iprp + 8, iprp + be(iprp, 4) as usize);
+    let (ipco, ipco_size) = find(&in_iprp, b"ipco");
+    let (ipma, _) = find(&in_iprp, b"ipma");
+    let primary = if heif[pitm + 8] == 0 {
+        be(pitm + 12, 2)
+    } else {
+        be(pitm + 12, 4)
+    };
+
+    // The new properties, numbered after the existing ones.
+    let existing = children(ipco + 8, ipco + ipco_size).len();
+    let mut properties = vec![0, 0, 0, 9, b'i', b'r', b'o', b't', quarter_turns & 3];
+    if let Some(axis) = mirror {
+        properties.extend_from_slice(&[0, 0, 0, 9, b'i', b'm', b'i', b'r', axis & 1]);
+    }
+    let added = properties.len() / 9;
+    // Their associations with the primary image, essential.
+    let (version, wide) = (heif[ipma + 8], heif[ipma + 11] & 1 == 1);
+    let id_len = if version < 1 { 2 } else { 4 };
+    let assoc_len = if wide { 2 } else { 1 };
+    let mut at = ipma + 16;
+    let mut insert_at = None;
+    for _ in 0..be(ipma + 12, 4) {
+        let id = be(at, id_len);
+        let count = heif[at + id_len] as usize;
+        let end = at + id_len + 1 + count * assoc_len;
+        if id == primary {
+            insert_at = Some((at + id_len, end));
+        }
+        at = end;
+    }
+    let (count_at, assoc_at) = insert_at.expect("the primary image has properties");
+    let mut associations = Vec::new();
+    for i in 0..added {
+        let index = (existing + 1 + i) as u16;
+        if wide {
+            associations.extend_from_slice(&(0x8000 | index).to_be_bytes());
+        } else {
+            associations.push(0x80 | index as u8);
+        }
+    }
+    let delta = (properties.len() + associations.len()) as u64;
+
+    let mut out = heif.to_vec();
+    // Data offsets (construction method 0) point past `meta`: they move by `delta`.
+    let put = |out: &mut Vec<u8>, at: usize, n: usize, value: u64| {
+        for i in 0..n {
+            out[at + i] = (value >> (8 * (n - 1 - i))) as u8;
+        }
+    };
+    let version = heif[iloc + 8];
+    let (offset_size, length_size) = (
+        (heif[iloc + 12] >> 4) as usize,
+        (heif[iloc + 12] & 15) as usize,
+    );
+    let base_size = (heif[iloc + 13] >> 4) as usize;
+    let index_size = if version >= 1 {
+        (heif[iloc + 13] & 15) as usize
+    } else {
+        0
+    };
+    let (count, mut at) = if version < 2 {
+        (be(iloc + 14, 2), iloc + 16)
+    } else {
+        (be(iloc + 14, 4), iloc + 18)
+    };
+    for _ in 0..count {
+        at += if version < 2 { 2 } else { 4 };
+        let method = if version >= 1 {
+            let m = be(at, 2) & 15;
+            at += 2;
+            m
+        } else {
+            0
+        };
+        at += 2; // data reference index
+        if method == 0 && base_size > 0 {
+            put(&mut out, at, base_size, be(at, base_size) + delta);
+        }
+        let base_moved = method == 0 && base_size > 0;
+        at += base_size;
+        let extents = be(at, 2);
+        at += 2;
+        for _ in 0..extents {
+            at += index_size;
+            if method == 0 && !base_moved && offset_size > 0 {
+                put(&mut out, at, offset_size, be(at, offset_size) + delta);
+            }
+            at += offset_size + length_size;
+        }
+    }
+    // The boxes that hold the insertions grow.
+    for (at, grows) in [
+        (meta, delta),
+        (iprp, delta),
+        (ipco, properties.len() as u64),
+        (ipma, associations.len() as u64),
+    ] {
+        put(&mut out, at, 4, be(at, 4) + grows);
+    }
+    out[count_at] += added as u8;
+    // Insert from the back, so that the earlier position stays valid.
+    let mut splices = [(ipco + ipco_size, properties), (assoc_at, associations)];
+    splices.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+    for (at, bytes) in splices {
+        out.splice(at..at, bytes);
+    }
+    out
+}

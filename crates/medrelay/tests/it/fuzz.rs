@@ -1,5 +1,5 @@
 //! Fuzzing on the stable toolchain: structure-aware mutations of the corpus (real PDFs and
-//! photos made here) through the entry point every upload takes, sniff → sandboxed parse, for
+//! photos made here, HEIC among them) through the entry point every upload takes, sniff → sandboxed parse, for
 //! both tasks (the local analysis and the preparation for Claude). The property: the type
 //! decision never panics, and the sandbox always answers with a result or a refusal the app
 //! can be told, never an unmanaged failure, a transient one, or a hang.
@@ -20,7 +20,7 @@ use medrelay::processor::{Document, ProcessError, Sniffed, sniff};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, RngSeed, TestCaseError, TestRunner};
 
-use crate::fixtures::{corpus_dir, jpeg, png, webp};
+use crate::fixtures::{corpus_dir, heif_enc, jpeg, png, record_jpeg, webp};
 
 /// Tokens of PDF structure, spliced in where they break the most.
 const TOKENS: [&[u8]; 16] = [
@@ -110,6 +110,8 @@ fn seeds() -> &'static Vec<Vec<u8>> {
             .collect();
         seeds.sort();
         seeds.extend([png(40, 30), jpeg(32, 24), webp(16, 16)]);
+        // A HEIC photo with its thumbnail, as heif-enc writes one.
+        seeds.push(heif_enc(&[&record_jpeg(96, 64, None)], &["-t", "32"]));
         seeds
     })
 }
@@ -161,7 +163,7 @@ fn mutated_documents_get_a_result_or_a_clear_refusal_never_a_crash_or_a_hang() {
         let media_type = match sniff(&bytes) {
             Sniffed::Accepted(m) => m,
             // Refused at upload: nothing to parse.
-            Sniffed::Heic | Sniffed::Unsupported => return Ok(()),
+            Sniffed::Heic | Sniffed::Avif | Sniffed::Unsupported => return Ok(()),
         };
         let task = if for_claude {
             Task::PrepareForClaude

@@ -23,6 +23,7 @@ mod demo;
 mod encryption;
 mod expiry;
 mod fuzz;
+mod heic;
 mod hostile;
 mod instances;
 mod keys;

@@ -88,7 +88,7 @@ pub async fn spawn(backend: Backend) -> (TestApp, Received) {
 }
 
 /// A tus request to `path` with the protocol header and `token`.
-fn tus(app: &TestApp, method: &str, path: &str, token: &str) -> reqwest::RequestBuilder {
+pub(crate) fn tus(app: &TestApp, method: &str, path: &str, token: &str) -> reqwest::RequestBuilder {
     let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
     app.http
         .request(method, app.url(path))
@@ -97,7 +97,7 @@ fn tus(app: &TestApp, method: &str, path: &str, token: &str) -> reqwest::Request
 }
 
 /// Creates an upload of `length` bytes; returns its path (`/v1/uploads/{id}`).
-async fn create(app: &TestApp, token: &str, length: usize) -> String {
+pub(crate) async fn create(app: &TestApp, token: &str, length: usize) -> String {
     let r = tus(app, "POST", "/v1/uploads", token)
         .header("upload-length", length.to_string())
         .send()
@@ -107,7 +107,7 @@ async fn create(app: &TestApp, token: &str, length: usize) -> String {
     header(&r, "location")
 }
 
-async fn patch(
+pub(crate) async fn patch(
     app: &TestApp,
     token: &str,
     path: &str,
@@ -127,7 +127,7 @@ async fn offset(app: &TestApp, token: &str, path: &str) -> reqwest::Response {
     tus(app, "HEAD", path, token).send().await.unwrap()
 }
 
-fn header(r: &reqwest::Response, name: &str) -> String {
+pub(crate) fn header(r: &reqwest::Response, name: &str) -> String {
     r.headers()
         .get(name)
         .unwrap_or_else(|| panic!("no {name} in {:?}", r.headers()))
