@@ -98,13 +98,10 @@ fn decode_heic(bytes: &[u8], limits: &ParseLimits) -> Result<DynamicImage, Refus
     if image.width == 0 || image.height == 0 {
         return Err(Refusal::Unreadable);
     }
-    let rgba = image::RgbaImage::from_raw(image.width, image.height, image.data)
-        .ok_or(Refusal::Unreadable)?;
-    Ok(if image.has_alpha {
-        DynamicImage::ImageRgba8(rgba)
-    } else {
-        DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(rgba).into_rgb8())
-    })
+    // Kept as RGBA, without a copy: what is sent is scaled down first.
+    image::RgbaImage::from_raw(image.width, image.height, image.data)
+        .map(DynamicImage::ImageRgba8)
+        .ok_or(Refusal::Unreadable)
 }
 
 /// A photo over the limits is too complex; anything else that does not decode is unreadable.

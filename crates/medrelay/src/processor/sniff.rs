@@ -101,6 +101,8 @@ const GENERIC_BRANDS: [&[u8; 4]; 3] = [b"mif1", b"mif2", b"msf1"];
 
 /// A HEIF file's type from its `ftyp` box, or `None` when it is not a HEIF file.
 fn heif(head: &[u8]) -> Option<Sniffed> {
+    // Only the first bytes are read, so that both upload routes decide alike.
+    let head = &head[..head.len().min(SNIFF_LEN)];
     let size = usize::try_from(u32::from_be_bytes(head.get(..4)?.try_into().ok()?)).ok()?;
     if head.get(4..8)? != b"ftyp" || size < 16 {
         return None;
@@ -120,7 +122,7 @@ fn heif(head: &[u8]) -> Option<Sniffed> {
         return None;
     }
     // A generic HEIF file: its item types (`infe`) usually follow within the first bytes.
-    let rest = &head[size.min(head.len())..];
+    let rest = head.get(size..).unwrap_or_default();
     let mentions = |what: &[u8]| rest.windows(4).any(|w| w == what);
     Some(if mentions(b"av01") && !mentions(b"hvc1") {
         Sniffed::Avif

@@ -198,10 +198,10 @@ async fn unsupported_files_are_refused_and_leave_nothing(backend: Backend) {
         let problem = assert_problem(response, 415, "unsupported-media-type").await;
         assert_eq!(problem["retryable"], false);
     }
-    // HEIC: refused with advice to send JPEG.
-    let mut heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic".to_vec();
-    heic.extend(vec![0u8; 2000]);
-    let response = app.upload(&token, heic, "image/heic").await;
+    // AVIF (HEIC is accepted: tests/it/heic.rs): refused with advice to send JPEG.
+    let mut avif = b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf".to_vec();
+    avif.extend(vec![0u8; 2000]);
+    let response = app.upload(&token, avif, "image/avif").await;
     let problem = assert_problem(response, 415, "unsupported-media-type").await;
     assert!(
         problem["detail"].as_str().unwrap().contains("JPEG"),
