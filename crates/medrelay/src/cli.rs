@@ -179,7 +179,7 @@ async fn process(settings: Settings, file: &PathBuf) -> anyhow::Result<()> {
         Sniffed::Heic => anyhow::bail!("HEIC photos are switched off (MEDRELAY_HEIC=false)"),
         Sniffed::Avif => anyhow::bail!("AVIF photos are not supported: send JPEG"),
         Sniffed::Unsupported => {
-            anyhow::bail!("unsupported file type: send a PDF, JPEG, PNG or WebP")
+            anyhow::bail!("unsupported file type: send a PDF, JPEG, PNG, WebP or HEIC")
         }
     };
     let processor = medrelay::processor::configured(&settings)?;

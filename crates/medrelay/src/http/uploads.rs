@@ -161,7 +161,11 @@ pub async fn create_upload(
                 answer
             }
             // A refused type terminated the upload.
-            Err(e @ (ApiError::UnsupportedMediaType | ApiError::HeicUnsupported)) => {
+            Err(
+                e @ (ApiError::UnsupportedMediaType
+                | ApiError::HeicUnsupported
+                | ApiError::AvifUnsupported),
+            ) => {
                 return Err(e);
             }
             // The upload exists but its first bytes were not kept: the client resumes at 0.

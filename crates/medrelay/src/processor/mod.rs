@@ -55,6 +55,9 @@ pub struct ParseLimits {
     pub pdf_max_depth: u32,
     /// Pixels of one photo (width × height).
     pub image_max_pixels: u64,
+    /// Whether HEIC photos are decoded: off, a job admitted before the switch fails as an
+    /// unsupported type instead.
+    pub heic: bool,
 }
 
 impl ParseLimits {
@@ -65,6 +68,7 @@ impl ParseLimits {
             pdf_max_objects: settings.pdf_max_objects,
             pdf_max_depth: settings.pdf_max_depth,
             image_max_pixels: settings.image_max_pixels,
+            heic: settings.heic,
         }
     }
 }

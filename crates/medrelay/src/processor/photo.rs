@@ -18,7 +18,7 @@ pub const MAX_EDGE_PIXELS: u32 = 12_000;
 /// At most this much memory for one decoded photo.
 const MAX_ALLOC: u64 = 600 * 1024 * 1024;
 /// A HEIC grid with more tiles is refused before any tile is decoded: an iPhone's photo has
-/// 48 tiles of 512 × 512, and 1,024 of them hold 268 million pixels.
+/// 48 tiles of 512 × 512.
 pub const MAX_TILES: u32 = 1024;
 
 /// Decodes every pixel of a photo of `media_type`, turned upright.
@@ -31,7 +31,8 @@ pub fn decode(
         MediaType::Jpeg => image::ImageFormat::Jpeg,
         MediaType::Png => image::ImageFormat::Png,
         MediaType::Webp => image::ImageFormat::WebP,
-        MediaType::Heic => return decode_heic(bytes, limits),
+        MediaType::Heic if limits.heic => return decode_heic(bytes, limits),
+        MediaType::Heic => return Err(Refusal::Unsupported),
         MediaType::Pdf => return Err(Refusal::Unsupported),
     };
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
@@ -65,28 +66,26 @@ fn check_size(width: u32, height: u32, limits: &ParseLimits) -> Result<(), Refus
     Ok(())
 }
 
+/// Bytes a HEIC decode may hold per pixel at its peak: the RGBA canvas, a second one while it
+/// is rotated or turned to sRGB, and a coded picture's 16-bit YUV frame with its filtered copy.
+const HEIC_BYTES_PER_PIXEL: u64 = 12;
+
 /// Decodes the primary image of a HEIC photo, upright, in sRGB.
 fn decode_heic(bytes: &[u8], limits: &ParseLimits) -> Result<DynamicImage, Refusal> {
-    let file = heifer_isobmff::HeifFile::parse(bytes).map_err(|_| Refusal::Unreadable)?;
-    let primary = file.primary_id;
-    // The declared size (`ispe`) and tile count, before any tile is decoded.
-    let (width, height) = file
-        .image_size(primary)
-        .ok()
-        .flatten()
-        .ok_or(Refusal::Unreadable)?;
-    check_size(width, height, limits)?;
-    let item = file.item(primary).map_err(|_| Refusal::Unreadable)?;
-    if item.item_type.0 == *b"grid" {
-        let grid = file.grid(primary).map_err(|_| Refusal::Unreadable)?;
-        check_size(grid.output_width, grid.output_height, limits)?;
-        if u32::from(grid.rows) * u32::from(grid.columns) > MAX_TILES {
-            return Err(Refusal::TooComplex);
-        }
+    use heifer::heifer_isobmff::HeifFile;
+    let file = HeifFile::parse(bytes).map_err(|_| Refusal::Unreadable)?;
+    // Everything the decode would decode (the primary image, its tiles, its alpha plane),
+    // checked before any of it is: pixels, tiles, and memory within the other photos' limit.
+    let mut pixels = heic_item_pixels(&file, file.primary_id, limits)?;
+    for aux in file.referencing_items(file.primary_id, b"auxl") {
+        pixels += heic_item_pixels(&file, aux, limits)?;
+    }
+    if pixels.saturating_mul(HEIC_BYTES_PER_PIXEL) > MAX_ALLOC {
+        return Err(Refusal::TooComplex);
     }
     let options = heifer::Options {
-        // Every core: the tiles of a grid are decoded in parallel.
-        max_threads: 0,
+        // Grid tiles in parallel, a few at a time: each holds its frame.
+        max_threads: 2,
         max_pixels: limits.image_max_pixels,
     };
     let image = match heifer::decode_srgb_rgba8(bytes, &options) {
@@ -102,6 +101,106 @@ fn decode_heic(bytes: &[u8], limits: &ParseLimits) -> Result<DynamicImage, Refus
     image::RgbaImage::from_raw(image.width, image.height, image.data)
         .map(DynamicImage::ImageRgba8)
         .ok_or(Refusal::Unreadable)
+}
+
+/// The pixels decoding image item `id` would decode, once its shape is checked: a coded
+/// picture (`hvc1`), or a grid of distinct coded tiles of one size that covers its output
+/// without a spare row or column. Derived images inside derived images, overlays and other
+/// kinds are not read.
+fn heic_item_pixels(
+    file: &heifer::heifer_isobmff::HeifFile<'_>,
+    id: u32,
+    limits: &ParseLimits,
+) -> Result<u64, Refusal> {
+    let unreadable = |_| Refusal::Unreadable;
+    let (width, height) = file
+        .image_size(id)
+        .map_err(unreadable)?
+        .ok_or(Refusal::Unreadable)?;
+    check_size(width, height, limits)?;
+    if u64::from(width) * u64::from(height) * HEIC_BYTES_PER_PIXEL > MAX_ALLOC {
+        return Err(Refusal::TooComplex);
+    }
+    match &file.item(id).map_err(unreadable)?.item_type.0 {
+        b"hvc1" => {
+            check_coded(file, id, width, height)?;
+            Ok(u64::from(width) * u64::from(height))
+        }
+        b"grid" => {
+            let grid = file.grid(id).map_err(unreadable)?;
+            check_size(grid.output_width, grid.output_height, limits)?;
+            let (rows, columns) = (u32::from(grid.rows), u32::from(grid.columns));
+            if rows * columns > MAX_TILES {
+                return Err(Refusal::TooComplex);
+            }
+            let tiles = file.referenced_items(id, b"dimg");
+            let mut distinct = tiles.to_vec();
+            distinct.sort_unstable();
+            distinct.dedup();
+            if tiles.len() as u32 != rows * columns || distinct.len() != tiles.len() {
+                return Err(Refusal::Unreadable);
+            }
+            let mut size = None;
+            for &tile in tiles {
+                if file.item(tile).map_err(unreadable)?.item_type.0 != *b"hvc1" {
+                    return Err(Refusal::Unreadable);
+                }
+                let (w, h) = file
+                    .image_size(tile)
+                    .map_err(unreadable)?
+                    .ok_or(Refusal::Unreadable)?;
+                if *size.get_or_insert((w, h)) != (w, h) {
+                    return Err(Refusal::Unreadable);
+                }
+                check_coded(file, tile, w, h)?;
+            }
+            let (w, h) = size.ok_or(Refusal::Unreadable)?;
+            let covers = |tile: u32, count: u32, output: u32| {
+                u64::from(tile) * u64::from(count) >= u64::from(output)
+                    && u64::from(tile) * u64::from(count - 1) < u64::from(output)
+            };
+            if !covers(w, columns, grid.output_width) || !covers(h, rows, grid.output_height) {
+                return Err(Refusal::Unreadable);
+            }
+            Ok(u64::from(w) * u64::from(h) * u64::from(rows * columns))
+        }
+        _ => Err(Refusal::Unreadable),
+    }
+}
+
+/// A coded picture's parameter sets (in its `hvcC`) may declare no larger picture than its
+/// `ispe`, bar the padding to whole coding blocks.
+fn check_coded(
+    file: &heifer::heifer_isobmff::HeifFile<'_>,
+    id: u32,
+    width: u32,
+    height: u32,
+) -> Result<(), Refusal> {
+    use heifer::heifer_hevc_dec::nal::NalUnit;
+    use heifer::heifer_hevc_dec::params::ParameterSets;
+    let config = file
+        .hevc_config(id)
+        .map_err(|_| Refusal::Unreadable)?
+        .ok_or(Refusal::Unreadable)?;
+    let mut sets = ParameterSets::default();
+    for nal in &config.nal_units {
+        let nal = NalUnit::parse(nal).map_err(|_| Refusal::Unreadable)?;
+        sets.add(&nal).map_err(|_| Refusal::Unreadable)?;
+    }
+    let mut any = false;
+    for sps in sets.sps.iter().flatten() {
+        any = true;
+        if sps.pic_width_in_luma_samples > width.saturating_add(64)
+            || sps.pic_height_in_luma_samples > height.saturating_add(64)
+        {
+            return Err(Refusal::TooComplex);
+        }
+    }
+    if any {
+        Ok(())
+    } else {
+        Err(Refusal::Unreadable)
+    }
 }
 
 /// A photo over the limits is too complex; anything else that does not decode is unreadable.
@@ -232,6 +331,61 @@ mod heic {
         assert_eq!(
             decode(&heic, MediaType::Heic, &ParseLimits::default()).err(),
             Some(Refusal::TooComplex)
+        );
+    }
+
+    #[test]
+    fn a_declared_size_past_the_memory_limit_or_a_picture_past_its_ispe_is_too_complex() {
+        let grid = grid_heic(1024, 1024);
+        let off = ParseLimits {
+            heic: false,
+            ..ParseLimits::default()
+        };
+        assert_eq!(
+            decode(&grid, MediaType::Heic, &off).err(),
+            Some(Refusal::Unsupported),
+            "switched off after the job was admitted"
+        );
+        // The grid's ispe and output claim 8,000 x 8,000: within the pixel limits, but not
+        // within the memory a decode may take.
+        let mut large = grid.clone();
+        let ispe = large
+            .windows(16)
+            .position(|w| w[..4] == *b"ispe" && w[8..] == [0, 0, 4, 0, 0, 0, 4, 0])
+            .expect("the grid's ispe");
+        large[ispe + 8..ispe + 16].copy_from_slice(&[0, 0, 0x1f, 0x40, 0, 0, 0x1f, 0x40]);
+        let at = large
+            .windows(8)
+            .position(|w| w == [0, 0, 1, 1, 4, 0, 4, 0])
+            .expect("the grid descriptor");
+        large[at + 4..at + 8].copy_from_slice(&[0x1f, 0x40, 0x1f, 0x40]);
+        assert_eq!(
+            decode(&large, MediaType::Heic, &ParseLimits::default()).err(),
+            Some(Refusal::TooComplex)
+        );
+        // One picture whose ispe says 64 x 64 while its parameter sets say 300 x 200.
+        let mut small = grid_heic(300, 200);
+        let at = small
+            .windows(4)
+            .position(|w| w == b"ispe")
+            .expect("an ispe");
+        small[at + 8..at + 16].copy_from_slice(&[0, 0, 0, 64, 0, 0, 0, 64]);
+        assert_eq!(
+            decode(&small, MediaType::Heic, &ParseLimits::default()).err(),
+            Some(Refusal::TooComplex)
+        );
+        // The same tile twice in a 2 x 2 grid: not read.
+        let mut repeated = grid.clone();
+        let dimg = repeated
+            .windows(4)
+            .position(|w| w == b"dimg")
+            .expect("the grid's tiles");
+        // dimg: from_item_ID, reference_count, then the tiles' ids (16-bit in a version 0 iref).
+        let first = [repeated[dimg + 8], repeated[dimg + 9]];
+        repeated[dimg + 10..dimg + 12].copy_from_slice(&first);
+        assert_eq!(
+            decode(&repeated, MediaType::Heic, &ParseLimits::default()).err(),
+            Some(Refusal::Unreadable)
         );
     }
 }

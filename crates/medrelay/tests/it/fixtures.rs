@@ -849,16 +849,18 @@ pub fn record_jpeg(w: u32, h: u32, exif: Option<Vec<u8>>) -> Vec<u8> {
 /// What the GPS position of [`exif_with_gps`] holds as text, to look for in what leaves.
 pub const GPS_CANARY: &[u8] = b"GPS-CANARY-48.8584N";
 
-/// An EXIF (TIFF) block as a phone writes it: orientation 1 and a GPS directory with a
+/// An EXIF (TIFF) block as a phone writes it: `orientation` and a GPS directory with a
 /// latitude (48° 51' 29.97" N) and, as its map datum, [`GPS_CANARY`].
-pub fn exif_with_gps() -> Vec<u8> {
+pub fn exif_with_gps(orientation: u16) -> Vec<u8> {
     let be16 = |v: u16| v.to_be_bytes();
     let be32 = |v: u32| v.to_be_bytes();
     let mut t = b"MM\0\x2a\0\0\0\x08".to_vec();
     // IFD0 at 8: Orientation, GPS directory pointer.
     let gps_ifd = 8 + 2 + 2 * 12 + 4;
     t.extend_from_slice(&be16(2));
-    t.extend_from_slice(&[0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 1, 0, 0]);
+    t.extend_from_slice(&[0x01, 0x12, 0, 3, 0, 0, 0, 1]);
+    t.extend_from_slice(&be16(orientation));
+    t.extend_from_slice(&[0, 0]);
     t.extend_from_slice(&[0x88, 0x25, 0, 4, 0, 0, 0, 1]);
     t.extend_from_slice(&be32(gps_ifd));
     t.extend_from_slice(&be32(0));

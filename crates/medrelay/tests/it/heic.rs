@@ -72,6 +72,26 @@ async fn heic_photos_come_in_through_both_routes_and_report_their_size(backend: 
         );
     }
 
+    // A grid of 512 x 512 tiles, as an iPhone stores its photos (heifer's encoder: libheif
+    // 1.15's heif-enc writes one picture), turned a quarter: the upright size.
+    let rgba = record_jpeg(2048, 1536, None);
+    let rgba = image::load_from_memory(&rgba).unwrap().to_rgba8();
+    let options = heifer::EncodeOptions {
+        quality: 50,
+        max_threads: 2,
+    };
+    let grid = heifer::encode_rgba8(2048, 1536, rgba.as_raw(), &options).unwrap();
+    let job = app
+        .upload_ok(&token, heif_with_transforms(&grid, 1, None), "image/heic")
+        .await;
+    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let document = &done["result"]["document"];
+    assert_eq!(
+        (&document["pixel_width"], &document["pixel_height"]),
+        (&Value::from(1536), &Value::from(2048))
+    );
+
     // Two images with thumbnails (a burst): only the primary, the first, is read.
     let burst = heif_enc(
         &[&record_jpeg(300, 200, None), &record_jpeg(640, 480, None)],
@@ -101,7 +121,6 @@ async fn heic_photos_come_in_through_both_routes_and_report_their_size(backend: 
 /// The image Claude was sent in `call`, checked to be a JPEG within Claude's limits and
 /// without any metadata.
 fn sent_image(call: &Value) -> image::RgbImage {
-    assert!(!call.to_string().contains("GPS-CANARY"));
     let block = &call["messages"][0]["content"][0];
     assert_eq!(block["type"], "image");
     assert_eq!(block["source"]["media_type"], "image/jpeg");
@@ -153,7 +172,7 @@ async fn heic_photos_reach_claude_upright_as_jpeg_within_its_limits_and_without_
     assert_eq!(red_corner(&sent), (false, false), "upright as it was");
 
     // With GPS in its EXIF: the position never leaves.
-    let located = heif_enc(&[&record_jpeg(800, 600, Some(exif_with_gps()))], &[]);
+    let located = heif_enc(&[&record_jpeg(800, 600, Some(exif_with_gps(1)))], &[]);
     assert!(
         located.windows(GPS_CANARY.len()).any(|w| w == GPS_CANARY),
         "heif-enc kept the EXIF"
@@ -164,14 +183,36 @@ async fn heic_photos_reach_claude_upright_as_jpeg_within_its_limits_and_without_
     let sent = sent_image(&mock.calls().last().unwrap().body);
     assert_eq!(sent.dimensions(), (800, 600));
 
+    // An EXIF orientation inside a HEIF file is not applied (the HEIF rule; libheif agrees).
+    let exif_turned = heif_enc(&[&record_jpeg(800, 600, Some(exif_with_gps(6)))], &[]);
+    assert_eq!(red_corner(&libheif_decode(&exif_turned)), (false, false));
+    let job = app.upload_ok(&token, exif_turned, "image/heic").await;
+    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let sent = sent_image(&mock.calls().last().unwrap().body);
+    assert_eq!(
+        (sent.dimensions(), red_corner(&sent)),
+        ((800, 600), (false, false))
+    );
+
+    assert_eq!(mock.calls().len(), 3);
+    app.assert_store_empties().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heic_photos_are_turned_and_mirrored_as_libheif_shows_them() {
+    let (mock, base) = Mock::start(Vec::new(), Some(Reply::ok(extraction("photo text")))).await;
+    let app = claude_app(&base, "1s,1s,1s", |_| {}).await;
+    let token = app.token("iphone");
     // Turned by quarters anticlockwise (`irot`), then mirrored (`imir`): shown as libheif
     // shows them, the red mark no longer at the top left.
     let plain = heif_enc(&[&record_jpeg(800, 600, None)], &[]);
     for (turns, mirror, size, corner) in [
+        (0, Some(0), (800, 600), (false, true)),
         (1, None, (600, 800), (false, true)),
         (3, None, (600, 800), (true, false)),
         (1, Some(1), (600, 800), (true, true)),
-        (0, Some(0), (800, 600), (false, true)),
     ] {
         let turned = heif_with_transforms(&plain, turns, mirror);
         let reference = libheif_decode(&turned);
@@ -181,7 +222,7 @@ async fn heic_photos_reach_claude_upright_as_jpeg_within_its_limits_and_without_
         );
         let job = app.upload_ok(&token, turned, "image/heic").await;
         let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
-        assert_eq!(done["status"], "succeeded", "{done}");
+        assert_eq!(done["status"], "succeeded", "{turns} {mirror:?} {done}");
         let sent = sent_image(&mock.calls().last().unwrap().body);
         assert_eq!(
             sent.dimensions(),
@@ -194,7 +235,7 @@ async fn heic_photos_reach_claude_upright_as_jpeg_within_its_limits_and_without_
             "irot {turns}, imir {mirror:?}"
         );
     }
-    assert_eq!(mock.calls().len(), 6);
+    assert_eq!(mock.calls().len(), 4);
     app.assert_store_empties().await;
     app.stop().await;
 }
@@ -246,6 +287,16 @@ async fn switched_off_heic_and_any_avif_are_refused_with_advice_on_both_routes()
         // tus: refused when the first bytes tell, and the upload ends.
         let path = create(&app, &token, bytes.len()).await;
         let r = patch(&app, &token, &path, 0, bytes).await;
+        let problem = assert_problem(r, 415, "unsupported-media-type").await;
+        assert!(problem["detail"].as_str().unwrap().contains(advice));
+        // tus creation-with-upload: the same 415, and no upload is left.
+        let r = crate::tus::tus(&app, "POST", "/v1/uploads", &token)
+            .header("upload-length", bytes.len().to_string())
+            .header("content-type", "application/offset+octet-stream")
+            .body(bytes.clone())
+            .send()
+            .await
+            .unwrap();
         let problem = assert_problem(r, 415, "unsupported-media-type").await;
         assert!(problem["detail"].as_str().unwrap().contains(advice));
     }

@@ -231,6 +231,7 @@ mod tests {
             pdf_max_objects: 100,
             pdf_max_depth: 20,
             image_max_pixels: 1_000_000,
+            heic: true,
         }
     }
 
