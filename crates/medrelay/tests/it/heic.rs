@@ -155,7 +155,7 @@ fn libheif_decode(heif: &[u8]) -> image::RgbImage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heic_photos_reach_claude_upright_as_jpeg_within_its_limits_and_without_metadata() {
-    let replies = (0..6)
+    let replies = (0..3)
         .map(|_| Reply::ok(extraction("photo text")))
         .collect();
     let (mock, base) = Mock::start(replies, None).await;
