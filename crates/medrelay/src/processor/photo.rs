@@ -187,20 +187,17 @@ fn check_coded(
         let nal = NalUnit::parse(nal).map_err(|_| Refusal::Unreadable)?;
         sets.add(&nal).map_err(|_| Refusal::Unreadable)?;
     }
-    let mut any = false;
-    for sps in sets.sps.iter().flatten() {
-        any = true;
-        if sps.pic_width_in_luma_samples > width.saturating_add(64)
+    let mut declared = sets.sps.iter().flatten().peekable();
+    if declared.peek().is_none() {
+        return Err(Refusal::Unreadable);
+    }
+    if declared.any(|sps| {
+        sps.pic_width_in_luma_samples > width.saturating_add(64)
             || sps.pic_height_in_luma_samples > height.saturating_add(64)
-        {
-            return Err(Refusal::TooComplex);
-        }
+    }) {
+        return Err(Refusal::TooComplex);
     }
-    if any {
-        Ok(())
-    } else {
-        Err(Refusal::Unreadable)
-    }
+    Ok(())
 }
 
 /// A photo over the limits is too complex; anything else that does not decode is unreadable.

@@ -48,6 +48,12 @@ async fn tus_upload(app: &TestApp, token: &str, bytes: &[u8]) -> String {
     job.trim_start_matches("/v1/jobs/").to_owned()
 }
 
+/// The job of a `POST /v1/documents` of `bytes`, once it has ended.
+async fn finished(app: &TestApp, token: &str, bytes: Vec<u8>) -> Value {
+    let job = app.upload_ok(token, bytes, "image/heic").await;
+    app.wait_terminal(token, job["id"].as_str().unwrap()).await
+}
+
 async fn heic_photos_come_in_through_both_routes_and_report_their_size(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let token = app.token("iphone");
@@ -81,10 +87,7 @@ async fn heic_photos_come_in_through_both_routes_and_report_their_size(backend: 
         max_threads: 2,
     };
     let grid = heifer::encode_rgba8(2048, 1536, rgba.as_raw(), &options).unwrap();
-    let job = app
-        .upload_ok(&token, heif_with_transforms(&grid, 1, None), "image/heic")
-        .await;
-    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    let done = finished(&app, &token, heif_with_transforms(&grid, 1, None)).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     let document = &done["result"]["document"];
     assert_eq!(
@@ -97,8 +100,7 @@ async fn heic_photos_come_in_through_both_routes_and_report_their_size(backend: 
         &[&record_jpeg(300, 200, None), &record_jpeg(640, 480, None)],
         &["-t", "64"],
     );
-    let job = app.upload_ok(&token, burst, "image/heic").await;
-    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    let done = finished(&app, &token, burst).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     let document = &done["result"]["document"];
     assert_eq!(
@@ -109,8 +111,7 @@ async fn heic_photos_come_in_through_both_routes_and_report_their_size(backend: 
     // A photo cut short in its image data: unreadable, not retried.
     let mut truncated = photo.clone();
     truncated.truncate(photo.len() * 2 / 3);
-    let job = app.upload_ok(&token, truncated, "image/heic").await;
-    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    let done = finished(&app, &token, truncated).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error"]["code"], "document-unreadable");
     assert_eq!(done["error"]["retryable"], false);
@@ -164,8 +165,7 @@ async fn heic_photos_reach_claude_upright_as_jpeg_within_its_limits_and_without_
 
     // A 27-megapixel photo: scaled to 1568 px on its long edge.
     let big = heif_enc(&[&record_jpeg(6000, 4500, None)], &[]);
-    let job = app.upload_ok(&token, big, "image/heic").await;
-    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    let done = finished(&app, &token, big).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     let sent = sent_image(&mock.calls().last().unwrap().body);
     assert_eq!(sent.dimensions(), (1568, 1176));
@@ -177,8 +177,7 @@ async fn heic_photos_reach_claude_upright_as_jpeg_within_its_limits_and_without_
         located.windows(GPS_CANARY.len()).any(|w| w == GPS_CANARY),
         "heif-enc kept the EXIF"
     );
-    let job = app.upload_ok(&token, located, "image/heic").await;
-    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    let done = finished(&app, &token, located).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     let sent = sent_image(&mock.calls().last().unwrap().body);
     assert_eq!(sent.dimensions(), (800, 600));
@@ -186,8 +185,7 @@ async fn heic_photos_reach_claude_upright_as_jpeg_within_its_limits_and_without_
     // An EXIF orientation inside a HEIF file is not applied (the HEIF rule; libheif agrees).
     let exif_turned = heif_enc(&[&record_jpeg(800, 600, Some(exif_with_gps(6)))], &[]);
     assert_eq!(red_corner(&libheif_decode(&exif_turned)), (false, false));
-    let job = app.upload_ok(&token, exif_turned, "image/heic").await;
-    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    let done = finished(&app, &token, exif_turned).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     let sent = sent_image(&mock.calls().last().unwrap().body);
     assert_eq!(
@@ -220,8 +218,7 @@ async fn heic_photos_are_turned_and_mirrored_as_libheif_shows_them() {
             (reference.dimensions(), red_corner(&reference)),
             (size, corner)
         );
-        let job = app.upload_ok(&token, turned, "image/heic").await;
-        let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+        let done = finished(&app, &token, turned).await;
         assert_eq!(done["status"], "succeeded", "{turns} {mirror:?} {done}");
         let sent = sent_image(&mock.calls().last().unwrap().body);
         assert_eq!(
@@ -260,8 +257,7 @@ async fn a_heic_bomb_is_refused_by_the_limits_before_claude_is_called() {
         found = at + 4;
     }
     assert!(found > 0, "an ispe box");
-    let job = app.upload_ok(&token, bomb, "image/heic").await;
-    let done = app.wait_terminal(&token, job["id"].as_str().unwrap()).await;
+    let done = finished(&app, &token, bomb).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error"]["code"], "document-too-complex");
     assert!(mock.calls().is_empty());
