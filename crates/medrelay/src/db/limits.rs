@@ -77,6 +77,16 @@ const INSERT_JOB_ADMITTED: &str = concat!(
     " < $15 RETURNING *"
 );
 
+/// [`INSERT_JOB_ADMITTED`] on PostgreSQL in one round trip: the function (migration
+/// `20261201000002_one_call_insert.sql`) locks the user, releases the upload's own slot ($19)
+/// and runs the same insert, whose counts then see every job committed before the lock. Over a
+/// cap it raises [`OVER_A_CAP`] and undoes all three.
+const INSERT_JOB_ONE_CALL: &str = "SELECT * FROM medrelay_insert_job($1, $2, $3, $4, $5, $6, \
+     $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)";
+
+/// The SQLSTATE of `medrelay_insert_job`'s refusal.
+const OVER_A_CAP: &str = "MR001";
+
 /// Caps a job's insert checks (see [`Db::insert_job_admitted`]).
 #[derive(Clone, Copy, Debug)]
 pub struct InsertCaps {
@@ -99,7 +109,10 @@ impl InsertCaps {
 /// engines' query types).
 macro_rules! bind_insert {
     ($job:expr, $caps:expr) => {
-        sqlx::query_as::<_, JobRow>(INSERT_JOB_ADMITTED)
+        bind_insert!(INSERT_JOB_ADMITTED, $job, $caps)
+    };
+    ($sql:expr, $job:expr, $caps:expr) => {
+        sqlx::query_as::<_, JobRow>($sql)
             .bind(&$job.id)
             .bind(&$job.user_id)
             .bind(&$job.user_prefix)
@@ -229,7 +242,8 @@ impl Db {
     /// uploads since `caps.since`, each plus the user's *other* uploads in flight (their
     /// slots, which are about to become jobs), below their caps. The check is part of the
     /// insert statement; on PostgreSQL the user's row in `user_limits` is locked first, in the
-    /// same transaction, so instances decide one at a time per user; SQLite runs the statement
+    /// same transaction (one call: [`INSERT_JOB_ONE_CALL`]), so instances decide one at a time
+    /// per user; SQLite runs the statement
     /// under its single write lock. The upload's own slot (if it held one) is deleted in the
     /// same commit. Refused: `refused` is handed the user's usage as the insert saw it (read
     /// in its transaction, the upload's own slot no longer counted), and nothing is written. A concurrent
@@ -250,6 +264,18 @@ impl Db {
                     Some(row) => Ok(Ok(row)),
                     None => Ok(Err(usage_in!(p, &job.user_prefix, job.now, caps.since)?)),
                 };
+            }
+            // PostgreSQL's common case: one call (see INSERT_JOB_ONE_CALL); over a cap, the
+            // transaction below reads the usage to report.
+            if postgres {
+                let one_call = bind_insert!(INSERT_JOB_ONE_CALL, job, caps)
+                    .bind(own_slot)
+                    .fetch_one(p)
+                    .await;
+                match one_call {
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(OVER_A_CAP) => {}
+                    inserted => return inserted.map(Ok),
+                }
             }
             let mut tx = p.begin().await?;
             if postgres {
@@ -375,5 +401,28 @@ impl Db {
             .rows_affected();
         });
         Ok(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::INSERT_JOB_ADMITTED;
+
+    fn words(sql: &str) -> String {
+        sql.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    /// PostgreSQL's one-call insert runs the same statement as SQLite and the transaction of
+    /// old: a cap changed in one place only would hold on one engine and not the other.
+    #[test]
+    fn the_one_call_insert_runs_the_same_statement() {
+        let function = include_str!("../../migrations/postgres/20261201000002_one_call_insert.sql");
+        let body = words(function).replace("( SELECT", "(SELECT");
+        assert!(
+            body.contains(&words(INSERT_JOB_ADMITTED)),
+            "medrelay_insert_job's insert differs from INSERT_JOB_ADMITTED:\n{}\n{}",
+            words(INSERT_JOB_ADMITTED),
+            body
+        );
     }
 }

@@ -640,18 +640,127 @@ async fn the_insert_checks_the_caps(db: &Db) {
     // The window is full (3 uploads, one of them failed): refused, even with no job active.
     let refused = insert(None).await.unwrap_err();
     assert_eq!(refused.recent_uploads, 3);
+    // A refusal writes nothing: the upload's own slot stays, for its owner to release.
+    take("refused-upload").await;
+    let refused = insert(Some("refused-upload")).await.unwrap_err();
+    assert_eq!((refused.slots, refused.recent_uploads), (0, 3));
+    let usage = db
+        .usage(&prefix, SlotKind::Upload, now_millis(), now - 3_600_000)
+        .await
+        .unwrap();
+    assert_eq!((usage.slots, usage.recent_uploads), (1, 3));
+}
+
+/// 24 uploads of one user reach the insert at once: exactly the cap's worth get in. Each
+/// insert's counts must see every job committed before it got the user's lock (on
+/// PostgreSQL a single statement would count from a snapshot taken before it waited).
+async fn concurrent_inserts_stop_at_the_cap(db: &Db) {
+    let now = now_millis();
+    let caps = InsertCaps {
+        since: now - 3_600_000,
+        active_jobs: 5,
+        uploads_per_window: 120,
+    };
+    let user = format!("race-{}", uuid::Uuid::new_v4().simple());
+    // Every connection open first, so that the inserts do run side by side.
+    match db {
+        Db::Sqlite(p) => drop(futures::future::try_join_all((0..8).map(|_| p.acquire())).await),
+        Db::Postgres(p) => drop(futures::future::try_join_all((0..16).map(|_| p.acquire())).await),
+    }
+    let inserts = (0..24).map(|_| {
+        let job = job(new_id(&user), &user, &user);
+        async move {
+            db.insert_job_admitted(&job, None, caps, |usage| *usage)
+                .await
+        }
+    });
+    let outcomes = futures::future::join_all(inserts).await;
+    let admitted = outcomes.iter().filter(|o| matches!(o, Ok(Ok(_)))).count();
+    let refused: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Ok(Err(usage)) => Some(usage.active_jobs),
+            _ => None,
+        })
+        .collect();
+    assert_eq!((admitted, refused.len()), (5, 19), "{outcomes:?}");
+    assert!(refused.iter().all(|active| *active == 5), "{refused:?}");
+    let listed = db
+        .list_jobs(&UserId::from_raw(user.as_str()), 100)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_insert_checks_the_caps_on_sqlite() {
     let (db, _dir) = sqlite().await;
     the_insert_checks_the_caps(&db).await;
+    concurrent_inserts_stop_at_the_cap(&db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_insert_checks_the_caps_on_postgres() {
     let (db, name) = postgres().await;
     the_insert_checks_the_caps(&db).await;
+    concurrent_inserts_stop_at_the_cap(&db).await;
+    db.close().await;
+    harness::drop_postgres(&name).await;
+}
+
+/// On PostgreSQL an insert that waits for the user's lock counts the job committed by the
+/// transaction that held it: the counts read after the lock, not from a snapshot taken before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_waiting_for_the_users_lock_counts_what_committed_meanwhile() {
+    let (db, name) = postgres().await;
+    let Db::Postgres(pool) = &db else {
+        unreachable!()
+    };
+    let now = now_millis();
+    let caps = InsertCaps {
+        since: now - 3_600_000,
+        active_jobs: 1,
+        uploads_per_window: 120,
+    };
+    let user = format!("waiter-{}", uuid::Uuid::new_v4().simple());
+    // Another instance holds the user's lock and inserts the user's one allowed job.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO user_limits (user_prefix) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(&user)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1 FROM user_limits WHERE user_prefix = $1 FOR UPDATE")
+        .bind(&user)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO jobs (id, user_id, user_prefix, status, media_type, size_bytes, attempts, \
+         max_attempts, run_at, created_at, updated_at, expires_at) \
+         VALUES ($1, $2, $2, 'queued', 'application/pdf', 1, 0, 4, $3, $3, $3, $3 + 3600000)",
+    )
+    .bind(new_id(&user))
+    .bind(&user)
+    .bind(now)
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let waiter = {
+        let (db, job) = (db.clone(), job(new_id(&user), &user, &user));
+        tokio::spawn(async move {
+            db.insert_job_admitted(&job, None, caps, |usage| *usage)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the insert did not wait for the user's lock"
+    );
+    holder.commit().await.unwrap();
+    let refused = waiter.await.unwrap().unwrap().unwrap_err();
+    assert_eq!(refused.active_jobs, 1);
     db.close().await;
     harness::drop_postgres(&name).await;
 }
