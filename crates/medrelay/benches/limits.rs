@@ -284,8 +284,8 @@ async fn database(s: &Settings, postgres: bool) -> (Db, String, Box<dyn FnOnce()
 macro_rules! either {
     ($db:expr, |$p:ident| $body:expr) => {
         match $db {
-            Db::Sqlite($p) => $body,
-            Db::Postgres($p) => $body,
+            Db::Sqlite($p, ..) => $body,
+            Db::Postgres($p, ..) => $body,
         }
     };
 }
@@ -312,11 +312,11 @@ async fn backlog(db: &Db, n: usize, tag: &str) {
         raw(
             db,
             match db {
-                Db::Sqlite(_) => format!(
+                Db::Sqlite(..) => format!(
                     "WITH RECURSIVE series(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM series \
                      WHERE n < {n}) INSERT INTO jobs ({columns}) SELECT {values} FROM series"
                 ),
-                Db::Postgres(_) => format!(
+                Db::Postgres(..) => format!(
                     "INSERT INTO jobs ({columns}) SELECT {values} \
                      FROM generate_series(1, {n}) AS series(n)"
                 ),
@@ -620,7 +620,7 @@ async fn raw_loop(db: &Db, secs: u64, table: Table) -> f64 {
         )
         .await;
     }
-    let postgres = matches!(db, Db::Postgres(_));
+    let postgres = matches!(db, Db::Postgres(..));
     let (insert, claim, complete) = match (table, postgres) {
         (Table::Bare, false) => (
             "INSERT INTO raw_jobs VALUES ($1, 'queued', $2, NULL)",
@@ -705,11 +705,11 @@ async fn raw_loop(db: &Db, secs: u64, table: Table) -> f64 {
 
 async fn xid(db: &Db) -> i64 {
     match db {
-        Db::Postgres(p) => sqlx::query_scalar("SELECT txid_current()")
+        Db::Postgres(p, ..) => sqlx::query_scalar("SELECT txid_current()")
             .fetch_one(p)
             .await
             .unwrap_or_else(|e| fail(format!("txid_current: {e}"))),
-        Db::Sqlite(_) => 0,
+        Db::Sqlite(..) => 0,
     }
 }
 

@@ -256,48 +256,58 @@ impl Db {
         caps: InsertCaps,
         refused: impl FnOnce(&Usage) -> E,
     ) -> Result<std::result::Result<Inserted, E>> {
-        let postgres = matches!(self, Db::Postgres(_));
-        let inserted = on_pool!(self, |p| async {
-            // SQLite's common case: one statement, the write lock held for it alone.
-            if !postgres && own_slot.is_none() {
-                return match bind_insert!(job, caps).fetch_optional(p).await? {
-                    Some(row) => Ok(Ok(row)),
-                    None => Ok(Err(usage_in!(p, &job.user_prefix, job.now, caps.since)?)),
-                };
-            }
-            // PostgreSQL's common case: one call (see INSERT_JOB_ONE_CALL); over a cap, the
-            // transaction below reads the usage to report.
-            if postgres {
-                let one_call = bind_insert!(INSERT_JOB_ONE_CALL, job, caps)
-                    .bind(own_slot)
-                    .fetch_one(p)
-                    .await;
-                match one_call {
-                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(OVER_A_CAP) => {}
-                    inserted => return inserted.map(Ok),
-                }
-            }
-            let mut tx = p.begin().await?;
-            if postgres {
-                sqlx::query(LOCK_USER)
-                    .bind(&job.user_prefix)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            if let Some(slot) = own_slot {
-                sqlx::query(RELEASE_SLOT)
-                    .bind(slot)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            let Some(row) = bind_insert!(job, caps).fetch_optional(&mut *tx).await? else {
-                let usage = usage_in!(&mut *tx, &job.user_prefix, job.now, caps.since)?;
-                return Ok(Err(usage));
+        let postgres = matches!(self, Db::Postgres(..));
+        let inserted = async {
+            // The common case in one round trip on a held connection: SQLite's insert of an
+            // upload without a slot (the write lock held for it alone), PostgreSQL's one call
+            // (see INSERT_JOB_ONE_CALL). A refusal, and an upload that holds a slot on
+            // SQLite, take the transaction below, which reads the usage to report.
+            let fast = if postgres {
+                Some(on_held!(self, |c| bind_insert!(
+                    INSERT_JOB_ONE_CALL,
+                    job,
+                    caps
+                )
+                .bind(own_slot)
+                .fetch_optional(c)
+                .await))
+            } else if own_slot.is_none() {
+                Some(on_held!(self, |c| bind_insert!(job, caps)
+                    .fetch_optional(c)
+                    .await))
+            } else {
+                None
             };
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(Ok(row))
+            match fast {
+                Some(Ok(Some(row))) => return Ok(Ok(row)),
+                Some(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some(OVER_A_CAP) => {}
+                Some(Err(e)) => return Err(e),
+                Some(Ok(None)) | None => {}
+            }
+            on_pool!(self, |p| async {
+                let mut tx = p.begin().await?;
+                if postgres {
+                    sqlx::query(LOCK_USER)
+                        .bind(&job.user_prefix)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                if let Some(slot) = own_slot {
+                    sqlx::query(RELEASE_SLOT)
+                        .bind(slot)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let Some(row) = bind_insert!(job, caps).fetch_optional(&mut *tx).await? else {
+                    let usage = usage_in!(&mut *tx, &job.user_prefix, job.now, caps.since)?;
+                    return Ok(Err(usage));
+                };
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(Ok(row))
+            }
+            .await)
         }
-        .await);
+        .await;
         match inserted {
             Ok(Ok(row)) => Ok(Ok(Inserted::Created(Box::new(row)))),
             Ok(Err(usage)) => Ok(Err(refused(&usage))),

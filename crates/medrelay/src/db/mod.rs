@@ -25,12 +25,36 @@ use sqlx::sqlite::{
 macro_rules! on_pool {
     ($db:expr, |$pool:ident| $body:expr) => {
         match $db {
-            Db::Sqlite($pool) => $body,
-            Db::Postgres($pool) => $body,
+            Db::Sqlite($pool, ..) => $body,
+            Db::Postgres($pool, ..) => $body,
         }
     };
 }
 
+/// Runs one statement on a held connection of whichever engine backs the database
+/// ([`held`]): `$conn` is the `&mut` connection to run it on. Not for transactions.
+macro_rules! on_held {
+    ($db:expr, |$conn:ident| $body:expr) => {
+        match $db {
+            Db::Sqlite(p, held) => {
+                let mut lent = held.get(p).await?;
+                let $conn = lent.conn();
+                let outcome = $body;
+                lent.done(&outcome);
+                outcome
+            }
+            Db::Postgres(p, held) => {
+                let mut lent = held.get(p).await?;
+                let $conn = lent.conn();
+                let outcome = $body;
+                lent.done(&outcome);
+                outcome
+            }
+        }
+    };
+}
+
+mod held;
 mod limits;
 mod notify;
 mod purges;
@@ -39,6 +63,7 @@ mod reads;
 mod rows;
 mod uploads;
 
+pub use held::Held;
 pub use limits::{InsertCaps, SlotKind, Usage};
 pub use notify::JobNotifications;
 pub use purges::PURGE_LEASE_MS;
@@ -48,9 +73,14 @@ pub use uploads::{Append, NewUpload, UploadRow};
 /// The job database. Cheap to clone.
 #[derive(Clone, Debug)]
 pub enum Db {
-    Sqlite(SqlitePool),
-    Postgres(PgPool),
+    Sqlite(SqlitePool, Held<sqlx::Sqlite>),
+    Postgres(PgPool, Held<sqlx::Postgres>),
 }
+
+/// Of SQLite's 8 pooled connections, held for the hottest statements ([`held`]).
+const HELD_SQLITE: usize = 4;
+/// Of PostgreSQL's 16.
+const HELD_POSTGRES: usize = 8;
 
 /// A database error, sorted by what the caller can do about it.
 #[derive(Debug, thiserror::Error)]
@@ -182,7 +212,7 @@ impl Db {
                 .run(&pool)
                 .await
                 .context("migrating the SQLite database")?;
-            Db::Sqlite(pool)
+            Db::Sqlite(pool, Held::new(HELD_SQLITE))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let options =
                 PgConnectOptions::from_str(url).context("invalid PostgreSQL database URL")?;
@@ -195,7 +225,7 @@ impl Db {
                 .run(&pool)
                 .await
                 .context("migrating the PostgreSQL database")?;
-            Db::Postgres(pool)
+            Db::Postgres(pool, Held::new(HELD_POSTGRES))
         } else {
             anyhow::bail!("MEDRELAY_DATABASE_URL must start with sqlite: or postgres:");
         };
@@ -204,8 +234,8 @@ impl Db {
 
     pub fn backend(&self) -> &'static str {
         match self {
-            Db::Sqlite(_) => "sqlite",
-            Db::Postgres(_) => "postgres",
+            Db::Sqlite(..) => "sqlite",
+            Db::Postgres(..) => "postgres",
         }
     }
 
@@ -220,7 +250,7 @@ impl Db {
     /// On PostgreSQL, aligns this process's clock with the database's (see `clock`); SQLite
     /// serves one instance, whose own clock is the reference. Returns the correction (ms).
     pub async fn align_clock(&self) -> Result<i64> {
-        let Db::Postgres(p) = self else {
+        let Db::Postgres(p, ..) = self else {
             return Ok(0);
         };
         // Only the query is timed, not the wait for a connection.
@@ -238,7 +268,7 @@ impl Db {
     /// images it holds (keys and results before they were cleared) are gone; PostgreSQL's WAL
     /// is the operator's to manage (docs/operations.md).
     pub async fn forget_history(&self) -> Result<()> {
-        if let Db::Sqlite(p) = self {
+        if let Db::Sqlite(p, ..) = self {
             sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
                 .execute(p)
                 .await?;
@@ -247,7 +277,16 @@ impl Db {
     }
 
     pub async fn close(&self) {
-        on_pool!(self, |p| p.close().await)
+        match self {
+            Db::Sqlite(p, held) => {
+                held.release_all().await;
+                p.close().await
+            }
+            Db::Postgres(p, held) => {
+                held.release_all().await;
+                p.close().await
+            }
+        }
     }
 }
 
@@ -293,7 +332,7 @@ mod tests {
         let db = Db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
             .await
             .unwrap();
-        let Db::Sqlite(pool) = &db else {
+        let Db::Sqlite(pool, ..) = &db else {
             unreachable!()
         };
         let malformed = sqlx::query("SELEKT 1").execute(pool).await.unwrap_err();

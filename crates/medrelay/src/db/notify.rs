@@ -20,12 +20,12 @@ pub struct JobNotifications(PgListener);
 impl Db {
     /// Whether other instances' changes can be heard (PostgreSQL).
     pub fn has_notifications(&self) -> bool {
-        matches!(self, Db::Postgres(_))
+        matches!(self, Db::Postgres(..))
     }
 
     /// Subscribes to the changes of every job, by any instance; `None` on SQLite.
     pub async fn listen(&self) -> Result<Option<JobNotifications>> {
-        let Db::Postgres(pool) = self else {
+        let Db::Postgres(pool, ..) = self else {
             return Ok(None);
         };
         let mut listener = PgListener::connect_with(pool).await?;
@@ -36,7 +36,7 @@ impl Db {
     /// Tells every instance that these jobs changed: one `NOTIFY` per hundred ids, in one
     /// statement (the ids are opaque; no state, no user, no content). Nothing on SQLite.
     pub async fn announce(&self, ids: &[JobId]) -> Result<()> {
-        let Db::Postgres(pool) = self else {
+        let Db::Postgres(pool, ..) = self else {
             return Ok(());
         };
         let payloads: Vec<String> = ids

@@ -127,14 +127,14 @@ impl Db {
     pub async fn claim_purge(&self) -> Result<Option<PurgeRow>> {
         let now = now_millis();
         let row = match self {
-            Db::Sqlite(p) => {
+            Db::Sqlite(p, ..) => {
                 sqlx::query_as::<_, PurgeRow>(CLAIM_PURGE_SQLITE)
                     .bind(now)
                     .bind(now - PURGE_LEASE_MS)
                     .fetch_optional(p)
                     .await
             }
-            Db::Postgres(p) => {
+            Db::Postgres(p, ..) => {
                 sqlx::query_as::<_, PurgeRow>(CLAIM_PURGE_POSTGRES)
                     .bind(now)
                     .bind(now - PURGE_LEASE_MS)

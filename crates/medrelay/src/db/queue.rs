@@ -62,26 +62,17 @@ impl Db {
     ) -> Result<Vec<JobRow>> {
         let now = now_millis();
         let lease_until = now + millis(lease);
-        let rows = match self {
-            Db::Sqlite(p) => {
-                sqlx::query_as::<_, JobRow>(CLAIM_SQLITE.as_str())
-                    .bind(lease_token)
-                    .bind(lease_until)
-                    .bind(now)
-                    .bind(limit)
-                    .fetch_all(p)
-                    .await
-            }
-            Db::Postgres(p) => {
-                sqlx::query_as::<_, JobRow>(CLAIM_POSTGRES.as_str())
-                    .bind(lease_token)
-                    .bind(lease_until)
-                    .bind(now)
-                    .bind(limit)
-                    .fetch_all(p)
-                    .await
-            }
-        }?;
+        let sql = match self {
+            Db::Sqlite(..) => CLAIM_SQLITE.as_str(),
+            Db::Postgres(..) => CLAIM_POSTGRES.as_str(),
+        };
+        let rows = on_held!(self, |c| sqlx::query_as::<_, JobRow>(sql)
+            .bind(lease_token)
+            .bind(lease_until)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(c)
+            .await)?;
         Ok(rows)
     }
 
@@ -93,7 +84,7 @@ impl Db {
         let pick = CLAIM_PICK.replace("$3", "$1").replace("$4", "$2");
         let now = now_millis();
         let lines = match self {
-            Db::Sqlite(p) => {
+            Db::Sqlite(p, ..) => {
                 let sql = format!("EXPLAIN QUERY PLAN {pick}");
                 sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(sql))
                     .bind(now)
@@ -104,7 +95,7 @@ impl Db {
                     .map(|(_, _, _, detail)| detail)
                     .collect()
             }
-            Db::Postgres(p) => {
+            Db::Postgres(p, ..) => {
                 let sql = format!("EXPLAIN {pick} FOR UPDATE SKIP LOCKED");
                 sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql))
                     .bind(now)
@@ -153,14 +144,14 @@ impl Db {
                    lease_until = NULL, next_attempt_at = NULL, updated_at = $2 \
                    WHERE id = $3 AND lease_token = $4 AND status = 'processing' \
                    AND deleted_at IS NULL AND expires_at > $2";
-        let done = on_pool!(self, |p| sqlx::query(sql)
+        let done = on_held!(self, |c| sqlx::query(sql)
             .bind(result)
             .bind(now_millis())
             .bind(id)
             .bind(lease_token)
             .bind(&result_key.kid)
             .bind(&result_key.bytes)
-            .execute(p)
+            .execute(c)
             .await
             .map(|r| r.rows_affected()))?;
         Ok(done == 1)

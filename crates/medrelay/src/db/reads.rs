@@ -33,11 +33,11 @@ impl Db {
     ) -> Result<Option<JobRow>> {
         let sql = "SELECT * FROM jobs WHERE id = $1 \
                    AND (user_id = $2 OR (deleted_at IS NOT NULL AND user_id = $3))";
-        let row = on_pool!(self, |p| sqlx::query_as::<_, JobRow>(sql)
+        let row = on_held!(self, |c| sqlx::query_as::<_, JobRow>(sql)
             .bind(id)
             .bind(user_id)
             .bind(user_prefix)
-            .fetch_optional(p)
+            .fetch_optional(c)
             .await)?;
         Ok(row)
     }

@@ -596,7 +596,7 @@ async fn chaos() {
     .await;
     watching.store(false, Ordering::SeqCst);
     watcher.await.unwrap();
-    let medrelay::db::Db::Postgres(pool) = &db else {
+    let medrelay::db::Db::Postgres(pool, ..) = &db else {
         unreachable!()
     };
     let (keys_left,): (i64,) = sqlx::query_as(

@@ -67,7 +67,7 @@ async fn everything_stored(app: &TestApp) -> Vec<(String, Vec<u8>)> {
             Err(e) => panic!("reading {key}: {e}"),
         }
     }
-    if let Db::Postgres(pool) = app.db() {
+    if let Db::Postgres(pool, ..) = app.db() {
         let rows: Vec<(Option<Vec<u8>>,)> = sqlx::query_as("SELECT result FROM jobs")
             .fetch_all(pool)
             .await
@@ -174,7 +174,7 @@ async fn a_ciphertext_moved_to_another_job_fails_closed(backend: Backend) {
 }
 
 async fn kek_of(app: &TestApp, id: &str) -> String {
-    let Db::Sqlite(pool) = app.db() else {
+    let Db::Sqlite(pool, ..) = app.db() else {
         unreachable!()
     };
     sqlx::query_scalar("SELECT document_kek FROM jobs WHERE id = $1")

@@ -84,8 +84,8 @@ async fn operations_routes_answer(backend: Backend) {
 /// Runs one statement on the app's own database.
 async fn execute(app: &TestApp, sql: &'static str) {
     match app.db() {
-        Db::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
-        Db::Postgres(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+        Db::Sqlite(p, ..) => sqlx::query(sql).execute(p).await.map(|_| ()),
+        Db::Postgres(p, ..) => sqlx::query(sql).execute(p).await.map(|_| ()),
     }
     .expect("a test statement");
 }

@@ -375,14 +375,14 @@ async fn a_resumable_upload_carries_its_push_token_to_its_job(backend: Backend) 
     let id = path.rsplit('/').next().unwrap().to_owned();
     // Sealed in the upload's row: never in the clear.
     let (sealed,): (Option<Vec<u8>>,) = match app.db() {
-        medrelay::db::Db::Sqlite(p) => {
+        medrelay::db::Db::Sqlite(p, ..) => {
             sqlx::query_as("SELECT push_token FROM uploads WHERE id = $1")
                 .bind(&id)
                 .fetch_one(p)
                 .await
                 .unwrap()
         }
-        medrelay::db::Db::Postgres(p) => {
+        medrelay::db::Db::Postgres(p, ..) => {
             sqlx::query_as("SELECT push_token FROM uploads WHERE id = $1")
                 .bind(&id)
                 .fetch_one(p)

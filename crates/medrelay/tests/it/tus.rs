@@ -538,7 +538,7 @@ async fn termination_deletion_and_expiry_leave_nothing(backend: Backend) {
     let busy_until = medrelay::clock::now_millis() + 60_000;
     let sql = "UPDATE uploads SET completing_until = $1, completing_token = 'other' WHERE id = $2";
     match app.db() {
-        medrelay::db::Db::Sqlite(p) => {
+        medrelay::db::Db::Sqlite(p, ..) => {
             sqlx::query(sql)
                 .bind(busy_until)
                 .bind(id_of(&path))
@@ -546,7 +546,7 @@ async fn termination_deletion_and_expiry_leave_nothing(backend: Backend) {
                 .await
                 .unwrap();
         }
-        medrelay::db::Db::Postgres(p) => {
+        medrelay::db::Db::Postgres(p, ..) => {
             sqlx::query(sql)
                 .bind(busy_until)
                 .bind(id_of(&path))
