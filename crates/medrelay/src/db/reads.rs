@@ -6,6 +6,11 @@ use crate::clock::now_millis;
 use crate::ids::{JobId, UserId, UserPrefix};
 use crate::model::JobStatus;
 
+/// The caller's live jobs, newest first: read through `jobs_idempotency`, which leads with the
+/// user id (migration `20261201000003`), then sorted (the caps bound how many there are).
+const LIST_JOBS: &str = "SELECT * FROM jobs WHERE user_id = $1 AND deleted_at IS NULL \
+                         AND expires_at > $3 ORDER BY created_at DESC, id DESC LIMIT $2";
+
 impl Db {
     /// The live job with this idempotency key of this user, if any.
     pub async fn find_by_idempotency_key(
@@ -54,15 +59,40 @@ impl Db {
 
     /// The caller's live jobs, newest first.
     pub async fn list_jobs(&self, user_id: &UserId, limit: i64) -> Result<Vec<JobRow>> {
-        let sql = "SELECT * FROM jobs WHERE user_id = $1 AND deleted_at IS NULL \
-                   AND expires_at > $3 ORDER BY created_at DESC, id DESC LIMIT $2";
-        let rows = on_pool!(self, |p| sqlx::query_as::<_, JobRow>(sql)
+        let rows = on_pool!(self, |p| sqlx::query_as::<_, JobRow>(LIST_JOBS)
             .bind(user_id)
             .bind(limit)
             .bind(now_millis())
             .fetch_all(p)
             .await)?;
         Ok(rows)
+    }
+
+    /// The database's plan for [`Db::list_jobs`], one line per plan row (for the test that
+    /// keeps it on an index).
+    pub async fn explain_list_jobs(&self) -> Result<Vec<String>> {
+        let read = LIST_JOBS
+            .replace("$1", "'plan'")
+            .replace("$2", "100")
+            .replace("$3", "0");
+        let lines = match self {
+            Db::Sqlite(p, ..) => {
+                let sql = format!("EXPLAIN QUERY PLAN {read}");
+                sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(sql))
+                    .fetch_all(p)
+                    .await?
+                    .into_iter()
+                    .map(|(_, _, _, detail)| detail)
+                    .collect()
+            }
+            Db::Postgres(p, ..) => {
+                let sql = format!("EXPLAIN {read}");
+                sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
+                    .fetch_all(p)
+                    .await?
+            }
+        };
+        Ok(lines)
     }
 
     /// Live jobs by status, for `/metrics`.

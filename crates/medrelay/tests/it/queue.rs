@@ -527,7 +527,7 @@ async fn the_claim_reads_only_waiting_jobs_in_index_order(db: &Db) {
         let columns = "id, user_id, user_prefix, status, media_type, size_bytes, attempts, \
                        max_attempts, run_at, lease_until, created_at, updated_at, expires_at";
         let values = format!(
-            "'bulk-{status}-' || n, 'u', 'p', '{status}', 'application/pdf', 1, 1, 4, {run_at}, \
+            "'bulk-{status}-' || n, 'u-' || (n % 500), 'p-' || (n % 500), '{status}', 'application/pdf', 1, 1, 4, {run_at}, \
              {lease_until}, {now}, {now}, {}",
             now + 3_600_000
         );
@@ -559,6 +559,16 @@ async fn the_claim_reads_only_waiting_jobs_in_index_order(db: &Db) {
             "the claim's plan:\n{plan}"
         ),
     }
+    // The caller's list reads its user's jobs through an index, not the table.
+    let plan = db.explain_list_jobs().await.unwrap().join("\n");
+    assert!(
+        plan.contains("jobs_idempotency"),
+        "the list's plan:\n{plan}"
+    );
+    assert!(
+        !plan.contains("SCAN jobs") && !plan.contains("Seq Scan"),
+        "the list's plan:\n{plan}"
+    );
     // And it claims the one due job among them.
     let due = new_id("due");
     insert(db, &due).await;
