@@ -21,7 +21,6 @@
 //! hands them back, which the pool's `close` waits for.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use sqlx::pool::PoolConnection;
@@ -37,7 +36,6 @@ pub struct Held<DB: Database> {
 
 struct Inner<DB: Database> {
     slots: Box<[Mutex<Slot<DB>>]>,
-    next: AtomicUsize,
 }
 
 pub(crate) struct Slot<DB: Database> {
@@ -73,19 +71,15 @@ impl<DB: Database> Held<DB> {
             })
             .collect();
         Held {
-            inner: Arc::new(Inner {
-                slots,
-                next: AtomicUsize::new(0),
-            }),
+            inner: Arc::new(Inner { slots }),
         }
     }
 
-    /// A free held connection, or, when every slot is busy, one from the pool.
+    /// A free held connection, or, when every slot is busy, one from the pool. The first free
+    /// slot: a quiet instance keeps one connection open, not one per slot.
     pub(crate) async fn get<'h>(&'h self, pool: &Pool<DB>) -> Result<Lent<'h, DB>, sqlx::Error> {
-        let slots = &self.inner.slots;
-        let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        for i in 0..slots.len() {
-            let Ok(mut slot) = slots[(start + i) % slots.len()].try_lock() else {
+        for slot in self.inner.slots.iter() {
+            let Ok(mut slot) = slot.try_lock() else {
                 continue;
             };
             let idle = slot.used.elapsed() >= PING_IF_IDLE_FOR;
@@ -265,6 +259,20 @@ mod tests {
         let mut lent = held.get(&pool).await.unwrap();
         assert!(!marked(&mut lent).await, "a failed connection was kept");
         lent.done(&Ok(()));
+    }
+
+    /// Statements one after another keep one connection open, however many slots there are.
+    #[tokio::test]
+    async fn a_quiet_database_keeps_one_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool(&dir).await;
+        let held = Held::<Sqlite>::new(3);
+        for _ in 0..10 {
+            let mut lent = held.get(&pool).await.unwrap();
+            let outcome = sqlx::query("SELECT 1").execute(lent.conn()).await.map(drop);
+            lent.done(&outcome);
+        }
+        assert_eq!(pool.size(), 1);
     }
 
     #[tokio::test]
