@@ -81,33 +81,10 @@ impl Db {
     /// test that keeps the claim on its index.
     pub async fn explain_claim(&self) -> Result<Vec<String>> {
         // The read alone, its two parameters (now and the limit) renumbered.
-        let pick = CLAIM_PICK.replace("$3", "$1").replace("$4", "$2");
-        let now = now_millis();
-        let lines = match self {
-            Db::Sqlite(p, ..) => {
-                let sql = format!("EXPLAIN QUERY PLAN {pick}");
-                sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(sql))
-                    .bind(now)
-                    .bind(1i64)
-                    .fetch_all(p)
-                    .await?
-                    .into_iter()
-                    .map(|(_, _, _, detail)| detail)
-                    .collect()
-            }
-            Db::Postgres(p, ..) => {
-                let sql = format!("EXPLAIN {pick} FOR UPDATE SKIP LOCKED");
-                sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql))
-                    .bind(now)
-                    .bind(1i64)
-                    .fetch_all(p)
-                    .await?
-                    .into_iter()
-                    .map(|(line,)| line)
-                    .collect()
-            }
-        };
-        Ok(lines)
+        let pick = CLAIM_PICK
+            .replace("$3", &now_millis().to_string())
+            .replace("$4", "1");
+        self.explain(&pick, " FOR UPDATE SKIP LOCKED").await
     }
 
     /// Extends a lease. `false` when the lease was lost (the job moved on without us).

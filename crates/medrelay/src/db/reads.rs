@@ -75,6 +75,12 @@ impl Db {
             .replace("$1", "'plan'")
             .replace("$2", "100")
             .replace("$3", "0");
+        self.explain(&read, "").await
+    }
+
+    /// The plan of `read` (parameters already spelled out), one line per plan row:
+    /// `EXPLAIN QUERY PLAN` on SQLite, `EXPLAIN` of `read` + `postgres_tail` on PostgreSQL.
+    pub(super) async fn explain(&self, read: &str, postgres_tail: &str) -> Result<Vec<String>> {
         let lines = match self {
             Db::Sqlite(p, ..) => {
                 let sql = format!("EXPLAIN QUERY PLAN {read}");
@@ -86,7 +92,7 @@ impl Db {
                     .collect()
             }
             Db::Postgres(p, ..) => {
-                let sql = format!("EXPLAIN {read}");
+                let sql = format!("EXPLAIN {read}{postgres_tail}");
                 sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
                     .fetch_all(p)
                     .await?
