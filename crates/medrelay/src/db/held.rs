@@ -29,6 +29,10 @@ use tokio::sync::{Mutex, MutexGuard};
 
 use super::PING_IF_IDLE_FOR;
 
+/// How long the ping of a held connection that sat idle may take (the pool bounds its own
+/// check by its acquire timeout); a silently dropped connection fails it.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A few slots, each holding at most one of the pool's connections.
 pub struct Held<DB: Database> {
     inner: Arc<Inner<DB>>,
@@ -78,14 +82,23 @@ impl<DB: Database> Held<DB> {
     /// A free held connection, or, when every slot is busy, one from the pool. The first free
     /// slot: a quiet instance keeps one connection open, not one per slot.
     pub(crate) async fn get<'h>(&'h self, pool: &Pool<DB>) -> Result<Lent<'h, DB>, sqlx::Error> {
-        for slot in self.inner.slots.iter() {
+        // A closing pool: nothing is held any more (the pool answers that it is closed).
+        let slots = if pool.is_closed() {
+            &[][..]
+        } else {
+            &self.inner.slots[..]
+        };
+        for slot in slots {
             let Ok(mut slot) = slot.try_lock() else {
                 continue;
             };
             let idle = slot.used.elapsed() >= PING_IF_IDLE_FOR;
             if idle
                 && let Some(conn) = slot.conn.as_mut()
-                && conn.ping().await.is_err()
+                && !matches!(
+                    tokio::time::timeout(PING_TIMEOUT, conn.ping()).await,
+                    Ok(Ok(()))
+                )
                 && let Some(mut conn) = slot.conn.take()
             {
                 // Broken while idle: closed, not handed back to the pool.
@@ -154,12 +167,17 @@ impl<DB: Database> Drop for Lent<'_, DB> {
 }
 
 /// The database answered (a constraint, a missing row, a value that does not decode): the
-/// connection is fine.
+/// connection is fine. Not an answer: PostgreSQL's connection exceptions (class 08) and its
+/// shutdowns (57P01–57P03, sent as the backend goes away, as in a failover).
 fn is_an_answer(error: &sqlx::Error) -> bool {
+    if let sqlx::Error::Database(e) = error {
+        let code = e.code();
+        let code = code.as_deref().unwrap_or_default();
+        return !(code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03"));
+    }
     matches!(
         error,
-        sqlx::Error::Database(_)
-            | sqlx::Error::RowNotFound
+        sqlx::Error::RowNotFound
             | sqlx::Error::ColumnDecode { .. }
             | sqlx::Error::ColumnNotFound(_)
             | sqlx::Error::Decode(_)

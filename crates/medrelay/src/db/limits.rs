@@ -243,8 +243,7 @@ impl Db {
     /// slots, which are about to become jobs), below their caps. The check is part of the
     /// insert statement; on PostgreSQL the user's row in `user_limits` is locked first, in the
     /// same transaction (one call: [`INSERT_JOB_ONE_CALL`]), so instances decide one at a time
-    /// per user; SQLite runs the statement
-    /// under its single write lock. The upload's own slot (if it held one) is deleted in the
+    /// per user; SQLite runs the statement under its single write lock. The upload's own slot (if it held one) is deleted in the
     /// same commit. Refused: `refused` is handed the user's usage as the insert saw it (read
     /// in its transaction, the upload's own slot no longer counted), and nothing is written. A concurrent
     /// twin with the same idempotency key yields `Existing` (and is not refused: it creates
@@ -423,11 +422,23 @@ mod tests {
     }
 
     /// PostgreSQL's one-call insert runs the same statement as SQLite and the transaction of
-    /// old: a cap changed in one place only would hold on one engine and not the other.
+    /// old: a cap changed in one place only would hold on one engine and not the other. The
+    /// newest migration that defines the function is the one in force.
     #[test]
     fn the_one_call_insert_runs_the_same_statement() {
-        let function = include_str!("../../migrations/postgres/20261201000002_one_call_insert.sql");
-        let body = words(function).replace("( SELECT", "(SELECT");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        files.sort();
+        let function = files
+            .iter()
+            .rev()
+            .map(|path| std::fs::read_to_string(path).unwrap())
+            .find(|sql| sql.contains("FUNCTION medrelay_insert_job("))
+            .expect("a migration defines medrelay_insert_job");
+        let body = words(&function).replace("( SELECT", "(SELECT");
         assert!(
             body.contains(&words(INSERT_JOB_ADMITTED)),
             "medrelay_insert_job's insert differs from INSERT_JOB_ADMITTED:\n{}\n{}",

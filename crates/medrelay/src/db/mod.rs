@@ -278,13 +278,17 @@ impl Db {
 
     pub async fn close(&self) {
         match self {
+            // Closed first (no slot takes a connection from a closed pool), then the held
+            // connections go back, which the close waits for.
             Db::Sqlite(p, held) => {
+                let closing = p.close();
                 held.release_all().await;
-                p.close().await
+                closing.await
             }
             Db::Postgres(p, held) => {
+                let closing = p.close();
                 held.release_all().await;
-                p.close().await
+                closing.await
             }
         }
     }
